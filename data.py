@@ -1,0 +1,209 @@
+"""Data sets, the paper's transform recipes, and the loader. Nothing model-related lives here.
+
+`--data` is a name (fashion_mnist, cifar10, cifar100, flowers, pets, aircraft, cars, synthetic) or the
+path of a folder in ImageNet layout: DIR/train/<class>/*.jpg and DIR/val/<class>/*.jpg. Every image,
+whatever its size and mode (grayscale, RGBA, palette), becomes a 3-channel tensor of --img-size.
+"""
+import gzip
+import shutil
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
+from torchvision import datasets
+from torchvision.transforms import InterpolationMode, v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+BICUBIC = InterpolationMode.BICUBIC
+NAMED = ('fashion_mnist', 'cifar10', 'cifar100', 'flowers', 'pets', 'aircraft', 'cars', 'synthetic')
+DEBIAN_FASHION_MNIST = Path('/usr/share/datasets/fashion-mnist')
+
+
+class DataError(Exception):
+    """Missing, empty or unreadable data: reported as one line that says how to fix it."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Transforms: the pre-training, fine-tuning and evaluation recipes
+# --------------------------------------------------------------------------------------------------
+def _to_normalized_tensor():
+    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+
+
+def pretrain_transform(img_size, min_scale=0.08):
+    """MAE-Lite's pre-training augmentation: RandomResizedCrop with scale (0.08, 1) (MAE used
+    (0.2, 1)), bicubic as official MAE, and a horizontal flip."""
+    return v2.Compose([
+        v2.RGB(),
+        v2.RandomResizedCrop(img_size, scale=(min_scale, 1.0), interpolation=BICUBIC, antialias=True),
+        v2.RandomHorizontalFlip(),
+        *_to_normalized_tensor(),
+    ])
+
+
+class RandAugmentWithStd(v2.RandAugment):
+    """timm's 'rand-m{M}-mstd{S}': RandAugment whose magnitude is drawn per image from N(M, S) and
+    clipped to [0, 10]. torchvision's RandAugment takes a fixed magnitude bin, so we use 11 bins
+    (0..10, timm's scale: bin 10 is each op's maximum) and round the drawn magnitude to a bin.
+    torchvision's ops already grow in severity with the magnitude, like timm's 'inc1' variants."""
+
+    def __init__(self, num_ops=2, magnitude=10, magnitude_std=0.5):
+        super().__init__(num_ops=num_ops, magnitude=magnitude, num_magnitude_bins=11)
+        self.mean_magnitude, self.magnitude_std = magnitude, magnitude_std
+
+    def forward(self, *inputs):
+        drawn = self.mean_magnitude + self.magnitude_std * torch.randn(()).item()
+        self.magnitude = int(round(min(max(drawn, 0.0), 10.0)))
+        return super().forward(*inputs)
+
+
+def finetune_transform(img_size, min_scale=0.08, rand_aug=(2, 10, 0.5), reprob=0.0):
+    """Fine-tuning augmentation: RandomResizedCrop (bicubic), flip, RandAugment (num_ops, magnitude,
+    magnitude std; None for none, as the transfer recipe), random erasing with probability `reprob`
+    (per-pixel normal noise, timm's 'pixel' mode). MixUp/CutMix act on batches, in finetune.py."""
+    return v2.Compose([
+        v2.RGB(),
+        v2.RandomResizedCrop(img_size, scale=(min_scale, 1.0), interpolation=BICUBIC, antialias=True),
+        v2.RandomHorizontalFlip(),
+        *([RandAugmentWithStd(*rand_aug)] if rand_aug else []),
+        *_to_normalized_tensor(),
+        *([v2.RandomErasing(p=reprob, value='random')] if reprob > 0 else []),
+    ])
+
+
+def eval_transform(img_size, crop_pct=0.875):
+    """Resize the short side to img_size / crop_pct (256 for 224), bicubic, then center-crop."""
+    return v2.Compose([
+        v2.RGB(),
+        v2.Resize(int(img_size / crop_pct), interpolation=BICUBIC, antialias=True),
+        v2.CenterCrop(img_size),
+        *_to_normalized_tensor(),
+    ])
+
+
+# --------------------------------------------------------------------------------------------------
+# Data sets
+# --------------------------------------------------------------------------------------------------
+def load_rgb(path):
+    """Open an image file as RGB; a corrupt or unreadable file stops the run with its name."""
+    try:
+        with Image.open(path) as img:
+            return img.convert('RGB')
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"cannot read image {path} ({type(e).__name__}: {e}); "
+                        f"remove or replace this file") from None
+
+
+def image_folder(root, split, transform):
+    """DIR/<split>/<class>/* as an ImageFolder that reads every image as RGB."""
+    folder = Path(root) / split
+    layout = f"expected {root}/train/<class>/<image> and {root}/val/<class>/<image> (ImageNet layout)"
+    if not folder.is_dir():
+        raise DataError(f"no folder {folder}: {layout}")
+    try:
+        return datasets.ImageFolder(str(folder), transform=transform, loader=load_rgb)
+    except FileNotFoundError as e:     # no class folders, or class folders without images
+        raise DataError(f"no images found under {folder} ({e}): {layout}") from None
+
+
+class SyntheticImages(Dataset):
+    """Random images with a learnable label (a bright square whose position depends on the class),
+    deterministic per index. For tests and smoke runs only: it proves nothing about vision."""
+
+    def __init__(self, num_images, num_classes=10, size=32, seed=0, transform=None):
+        self.num_images, self.num_classes, self.size, self.seed = num_images, num_classes, size, seed
+        self.transform = transform
+
+    def __len__(self):
+        return self.num_images
+
+    def __getitem__(self, index):
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        label = index % self.num_classes
+        img = torch.randint(0, 128, (self.size, self.size, 3), generator=gen, dtype=torch.uint8)
+        side = self.size // 4
+        row = (label * 7 % 4) * side
+        col = (label * 3 % 4) * side
+        img[row:row + side, col:col + side] = 255
+        img = Image.fromarray(img.numpy())
+        return (self.transform(img) if self.transform else img), label
+
+
+def _fashion_mnist_from_debian(root):
+    """Debian's dataset-fashion-mnist ships the IDX files gzipped (recompressed, so torchvision's
+    md5 check of the .gz fails): gunzip them where torchvision looks, so nothing is downloaded."""
+    raw = Path(root) / 'FashionMNIST' / 'raw'
+    for gz in sorted(DEBIAN_FASHION_MNIST.glob('*-ubyte.gz')):
+        target = raw / gz.name[:-3]
+        if not target.exists():
+            raw.mkdir(parents=True, exist_ok=True)
+            partial = target.with_suffix('.partial')
+            with gzip.open(gz) as src, open(partial, 'wb') as dst:
+                shutil.copyfileobj(src, dst)
+            partial.rename(target)
+
+
+def _named_dataset(name, root, train, transform):
+    """torchvision's data set `name` with the paper's splits; downloads to `root` when online."""
+    split = 'train' if train else 'test'
+    if name == 'fashion_mnist':
+        _fashion_mnist_from_debian(root)
+        return datasets.FashionMNIST(root, train=train, transform=transform, download=True), 10
+    if name == 'cifar10':
+        return datasets.CIFAR10(root, train=train, transform=transform, download=True), 10
+    if name == 'cifar100':
+        return datasets.CIFAR100(root, train=train, transform=transform, download=True), 100
+    if name == 'flowers':     # train on train + val, test on test
+        parts = ['train', 'val'] if train else ['test']
+        return ConcatDataset([datasets.Flowers102(root, split=s, transform=transform, download=True)
+                              for s in parts]), 102
+    if name == 'pets':        # train on trainval, test on test
+        return datasets.OxfordIIITPet(root, split='trainval' if train else 'test', transform=transform,
+                                      download=True), 37
+    if name == 'aircraft':    # the 100 'variant' classes, trainval / test
+        return datasets.FGVCAircraft(root, split='trainval' if train else 'test',
+                                     annotation_level='variant', transform=transform, download=True), 100
+    if name == 'cars':        # Stanford's download link is gone: place the files in ROOT/stanford_cars
+        return datasets.StanfordCars(root, split=split, transform=transform, download=False), 196
+    raise AssertionError(name)
+
+
+def build_dataset(data, root, train, transform, synthetic_size=32):
+    """-> (dataset, num_classes). `data`: a name in NAMED or a folder in ImageNet layout."""
+    if data == 'synthetic':
+        return SyntheticImages(512 if train else 128, size=synthetic_size, seed=0 if train else 1,
+                               transform=transform), 10
+    if data in NAMED:
+        try:
+            return _named_dataset(data, root, train, transform)
+        except DataError:
+            raise
+        except Exception as e:  # offline download, missing files, bad archive
+            reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            hint = ("`apt-get install dataset-fashion-mnist` (Debian), " if data == 'fashion_mnist' else "")
+            raise DataError(f"cannot load data set '{data}' from {root} ({reason}); get it with "
+                            f"{hint}a run with internet access (it downloads to --data-root), "
+                            f"or pass --data DIR with train/<class>/ and val/<class>/ folders") from None
+    if not Path(data).exists():
+        raise DataError(f"--data {data}: neither a known name ({', '.join(NAMED)}) nor an existing "
+                        f"folder")
+    dataset = image_folder(data, 'train' if train else 'val', transform)
+    return dataset, len(dataset.classes)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loader
+# --------------------------------------------------------------------------------------------------
+def build_loader(dataset, batch_size, train, num_workers, device, seed=0, rank=0, world_size=1):
+    """A DataLoader over this process's shard. The sampler's order is a function of (seed, epoch):
+    call `loader.sampler.set_epoch(epoch)` before each epoch. Training drops the last partial batch;
+    evaluation keeps it (under DDP the sampler pads the shard with a few repeated images)."""
+    if train and len(dataset) < batch_size * world_size:
+        raise DataError(f"the training set has {len(dataset)} images, fewer than one batch of "
+                        f"{batch_size} x {world_size} processes: lower --batch-size")
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=train,
+                                 seed=seed, drop_last=train)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      pin_memory=device.type == 'cuda', drop_last=train)

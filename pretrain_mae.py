@@ -1,0 +1,309 @@
+"""MAE pre-training (He et al. 2022) of a ViT, with MAE-Lite's recipe for ViT-Tiny.
+
+The method in five steps, each a method of `MAE` below:
+  1. patchify:        image -> L patches of p*p*3 pixels
+  2. random_masking:  keep a random 25% of the patches per image (argsort of uniform noise)
+  3. encode:          the ViT encoder sees only the visible patches (+ cls token)
+  4. forward_decoder: a light decoder sees encoded visible tokens + a shared mask token at every
+                      masked position, and predicts every patch's pixels
+  5. forward_loss:    MSE on the masked patches only, against per-patch normalised pixels
+
+Run `python pretrain_mae.py --help` for the flags; `--config configs/mae_tiny_imagenet.yaml` is the
+paper's 400-epoch ImageNet recipe, `--config configs/mae_tiny_fashion_mnist.yaml` a laptop one.
+"""
+import argparse
+import os
+import time
+
+import torch
+import torch.nn as nn
+from einops import rearrange, repeat
+from tqdm import tqdm
+
+from data import IMAGENET_MEAN, IMAGENET_STD, build_dataset, build_loader, eval_transform, pretrain_transform
+from training import (Run, RunError, add_common_args, adamw, append_log, check_finite, load_resume_checkpoint,
+                      lr_at, no_sync_unless, parse_args, prepare_log, run_main, save_checkpoint,
+                      seed_everything, set_lr, weight_decay_groups)
+from vit import Block, VisionTransformer, load_pretrained, sincos_pos_embed
+
+STAGE = 'pretrain_mae'
+
+
+# --------------------------------------------------------------------------------------------------
+# The model: a ViT encoder (inherited, so the keys are timm's) plus MAE's decoder
+# --------------------------------------------------------------------------------------------------
+class MAE(VisionTransformer):
+    """Masked autoencoder with the official parameter names: the encoder's (patch_embed, cls_token,
+    pos_embed, blocks, norm) plus decoder_embed, mask_token, decoder_pos_embed, decoder_blocks,
+    decoder_norm, decoder_pred. Both position embeddings are fixed 2-D sin-cos tables."""
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=192, depth=12, num_heads=12,
+                 decoder_embed_dim=96, decoder_depth=1, decoder_num_heads=3, mlp_ratio=4.0,
+                 norm_pix_loss=True):
+        super().__init__(img_size, patch_size, in_chans, num_classes=0, embed_dim=embed_dim,
+                         depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, global_pool=False)
+        self.norm_pix_loss = norm_pix_loss
+        grid = self.patch_embed.grid_size
+        self.pos_embed = nn.Parameter(sincos_pos_embed(embed_dim, grid)[None], requires_grad=False)
+
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_pos_embed = nn.Parameter(sincos_pos_embed(decoder_embed_dim, grid)[None],
+                                              requires_grad=False)
+        self.decoder_blocks = nn.ModuleList(
+            [Block(decoder_embed_dim, decoder_num_heads, mlp_ratio) for _ in range(decoder_depth)])
+        self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size ** 2 * in_chans)
+        self._init_mae_weights()
+
+    def _init_mae_weights(self):
+        """MAE's initialisation: xavier-uniform for every Linear and for the patch projection seen as
+        a Linear, zero biases, normal(0.02) tokens (LayerNorms keep weight 1, bias 0)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.patch_embed.proj.weight.view(self.embed_dim, -1))
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    # 1. -------------------------------------------------------------------------------------------
+    def patchify(self, imgs):
+        """(B, C, H, W) -> (B, L, p*p*C), each patch's pixels in (row, column, channel) order."""
+        p = self.patch_embed.patch_size
+        return rearrange(imgs, 'b c (h p1) (w p2) -> b (h w) (p1 p2 c)', p1=p, p2=p)
+
+    def unpatchify(self, patches):
+        """(B, L, p*p*C) -> (B, C, H, W)."""
+        p, g = self.patch_embed.patch_size, self.patch_embed.grid_size
+        return rearrange(patches, 'b (h w) (p1 p2 c) -> b c (h p1) (w p2)', h=g, p1=p, p2=p)
+
+    # 2. -------------------------------------------------------------------------------------------
+    def random_masking(self, batch_size, mask_ratio, noise=None):
+        """Per-sample random masking: the int(L * (1 - mask_ratio)) patches with the lowest noise are
+        visible. noise (B, L) defaults to uniform. Returns visible_idx (B, N_visible), mask (B, L)
+        with 1 = masked, and restore_idx (B, L) that undoes the noise sort."""
+        L = self.patch_embed.num_patches
+        num_visible = int(L * (1 - mask_ratio))
+        if noise is None:
+            noise = torch.rand(batch_size, L, device=self.cls_token.device)
+        shuffle_idx = torch.argsort(noise, dim=1)                  # ascending: lowest noise first
+        restore_idx = torch.argsort(shuffle_idx, dim=1)
+        visible_idx = shuffle_idx[:, :num_visible]                  # (B, N_visible)
+        mask = torch.ones(batch_size, L, device=noise.device)
+        mask[:, :num_visible] = 0
+        mask = torch.gather(mask, 1, restore_idx)                   # (B, L), back in patch order
+        return visible_idx, mask, restore_idx
+
+    # 4. -------------------------------------------------------------------------------------------
+    def forward_decoder(self, latent, restore_idx):
+        """latent (B, 1 + N_visible, D) -> pixel predictions for every patch (B, L, p*p*C)."""
+        x = self.decoder_embed(latent)                              # (B, 1 + N_visible, D_dec)
+        B, L, D = x.shape[0], restore_idx.shape[1], x.shape[2]
+        mask_tokens = self.mask_token.expand(B, L - (x.shape[1] - 1), -1)   # (B, N_masked, D_dec)
+        patches = torch.cat([x[:, 1:], mask_tokens], dim=1)         # (B, L, D_dec), shuffled order
+        patches = torch.gather(patches, 1, repeat(restore_idx, 'b l -> b l d', d=D))  # patch order
+        x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed   # (B, 1 + L, D_dec)
+        for block in self.decoder_blocks:
+            x, _ = block(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:]       # (B, L, p*p*C), no cls
+
+    # 5. -------------------------------------------------------------------------------------------
+    def patch_targets(self, imgs):
+        """Pixels to predict (B, L, p*p*C); with norm_pix_loss each patch is normalised by its own
+        mean and unbiased variance: (x - mean) / sqrt(var + 1e-6)."""
+        target = self.patchify(imgs)
+        if self.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1e-6) ** 0.5
+        return target
+
+    def forward_loss(self, imgs, pred, mask):
+        """The MAE loss: mean over masked patches of the per-patch MSE,
+        sum_i mask_i * mean_j (pred_ij - target_ij)^2 / sum_i mask_i."""
+        per_patch = ((pred.float() - self.patch_targets(imgs)) ** 2).mean(dim=-1)   # (B, L)
+        return (per_patch * mask).sum() / mask.sum()
+
+    def forward(self, imgs, mask_ratio=0.75, noise=None):
+        """imgs (B, C, H, W) -> (loss, pred (B, L, p*p*C), mask (B, L)), as the official code."""
+        visible_idx, mask, restore_idx = self.random_masking(imgs.shape[0], mask_ratio, noise)
+        latent = self.encode(imgs, visible_idx).tokens              # 3. (B, 1 + N_visible, D)
+        pred = self.forward_decoder(latent, restore_idx)
+        return self.forward_loss(imgs, pred, mask), pred, mask
+
+
+def mae_tiny(**kwargs):
+    """ViT-Tiny (192 wide, 12 heads) with MAE-Lite's light decoder: dim 96, depth 1, 3 heads."""
+    return MAE(embed_dim=192, depth=12, num_heads=12, decoder_embed_dim=96, decoder_depth=1,
+               decoder_num_heads=3, **kwargs)
+
+
+def mae_small(**kwargs):
+    return MAE(embed_dim=384, depth=12, num_heads=12, decoder_embed_dim=192, decoder_depth=1,
+               decoder_num_heads=6, **kwargs)
+
+
+def mae_base(**kwargs):
+    """MAE-Base as official MAE: decoder dim 512, depth 8, 16 heads (the D-MAE teacher)."""
+    return MAE(embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=512, decoder_depth=8,
+               decoder_num_heads=16, **kwargs)
+
+
+MAES = {'vit_tiny': mae_tiny, 'vit_small': mae_small, 'vit_base': mae_base}
+
+
+# --------------------------------------------------------------------------------------------------
+# The figure: original / masked / reconstruction / reconstruction with the visible patches pasted
+# --------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def save_reconstruction_figure(model, imgs, path, title, mask_ratio=0.75, seed=0):
+    """Plot a few images through the MAE with a fixed masking (noise from `seed`)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    was_training = model.training
+    model.eval()
+    imgs = imgs.to(model.cls_token.device)
+    noise = torch.rand(imgs.shape[0], model.patch_embed.num_patches,
+                       generator=torch.Generator().manual_seed(seed)).to(imgs.device)
+    _, pred, mask = model(imgs, mask_ratio, noise)
+    model.train(was_training)
+
+    patches = model.patchify(imgs)                                  # (B, L, p*p*3)
+    if model.norm_pix_loss:   # the prediction is in normalised-patch units: undo with each patch's stats
+        mean, var = patches.mean(-1, keepdim=True), patches.var(-1, keepdim=True)
+        pred = pred.float() * (var + 1e-6) ** 0.5 + mean
+    masked = model.unpatchify(patches * (1 - mask[..., None]))
+    recon = model.unpatchify(pred)
+    pasted = model.unpatchify(pred * mask[..., None] + patches * (1 - mask[..., None]))
+
+    std = torch.tensor(IMAGENET_STD, device=imgs.device).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, device=imgs.device).view(1, 3, 1, 1)
+    columns = {'original': imgs, f'masked {mask_ratio:.0%}': masked, 'reconstruction': recon,
+               'reconstruction + visible': pasted}
+    n = imgs.shape[0]
+    fig, axes = plt.subplots(n, 4, figsize=(8, 2 * n), squeeze=False)
+    for col, (name, batch) in enumerate(columns.items()):
+        pictures = (batch * std + mean).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+        for row in range(n):
+            axes[row, col].imshow(pictures[row])
+            axes[row, col].axis('off')
+        axes[0, col].set_title(name, fontsize=9)
+    note = ("prediction is in normalised-patch units (norm_pix_loss), shown de-normalised with each "
+            "patch's own mean and std" if model.norm_pix_loss else "raw pixel prediction")
+    fig.suptitle(f"{title}\n{note}", fontsize=8)
+    fig.tight_layout()
+    tmp = f"{path}.tmp"
+    fig.savefig(tmp, format='png', dpi=80)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser, epochs=400, warmup_epochs=40, batch_size=256, blr=1.5e-4, weight_decay=0.05)
+    g = parser.add_argument_group('MAE')
+    g.add_argument('--mask-ratio', type=float, default=0.75, help='share of patches masked (paper: 0.75)')
+    g.add_argument('--norm-pix-loss', action=argparse.BooleanOptionalAction, default=True,
+                   help='regress per-patch normalised pixels (paper: on)')
+    g.add_argument('--min-crop-scale', type=float, default=0.08,
+                   help='RandomResizedCrop scale lower bound (paper: 0.08; official MAE: 0.2)')
+    return parser
+
+
+def train_one_epoch(model, loader, optimizer, epoch, run, args):
+    """One pass over the loader with per-iteration lr, gradient accumulation and bf16 autocast."""
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    steps = len(loader)
+    loss_sum = torch.zeros((), device=run.device)
+    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not run.is_main, dynamic_ncols=True)
+    start = last_time = time.time()
+    last_step, lr = 0, 0.0
+    for step, (imgs, _) in enumerate(bar):
+        if step % args.accum_iter == 0:
+            lr = lr_at(epoch + step / steps, run.lr, args.min_lr, args.warmup_epochs, args.epochs)
+            set_lr(optimizer, lr)
+        imgs = imgs.to(run.device, non_blocking=True)               # (B, 3, H, W)
+        ends_accumulation = (step + 1) % args.accum_iter == 0
+        with no_sync_unless(model, ends_accumulation):
+            with run.autocast(args.amp):
+                loss, _, _ = model(imgs, mask_ratio=args.mask_ratio)
+            (loss / args.accum_iter).backward()
+        if ends_accumulation:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        loss_sum += loss.detach()
+
+        if (step + 1) % 20 == 0 or step + 1 == steps:              # the only host sync of the loop
+            mean_loss = loss_sum.item() / (step + 1)
+            check_finite(mean_loss, epoch, step, run.output_dir)
+            now = time.time()
+            img_per_s = (step - last_step + 1) * imgs.shape[0] * run.world_size / (now - last_time)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{img_per_s:.0f}")
+            last_step, last_time = step + 1, now
+    elapsed = time.time() - start
+    return {'loss': run.mean_over_processes(loss_sum.item() / steps), 'lr': lr,
+            'img_per_s': steps * args.batch_size * run.world_size / elapsed, 'epoch_time_s': elapsed}
+
+
+def main(argv=None):
+    args = parse_args(build_parser(), argv)
+    if not 0 < args.mask_ratio < 1:
+        raise RunError(f"--mask-ratio must be in (0, 1), got {args.mask_ratio}")
+    run = Run(args)
+    seed_everything(args.seed)
+
+    # data ------------------------------------------------------------------------------------------
+    dataset, _ = build_dataset(args.data, args.data_root, train=True,
+                               transform=pretrain_transform(args.img_size, args.min_crop_scale),
+                               synthetic_size=args.img_size)
+    loader = build_loader(dataset, args.batch_size, train=True, num_workers=args.num_workers,
+                          device=run.device, seed=args.seed, rank=run.rank, world_size=run.world_size)
+    shown, _ = build_dataset(args.data, args.data_root, train=False,
+                             transform=eval_transform(args.img_size), synthetic_size=args.img_size)
+    shown_imgs = torch.stack([shown[i][0] for i in range(min(6, len(shown)))])  # (6, 3, H, W)
+
+    # model and optimizer ---------------------------------------------------------------------------
+    model = MAES[args.model](img_size=args.img_size, patch_size=args.patch_size,
+                             norm_pix_loss=args.norm_pix_loss).to(run.device)
+    if args.init:
+        report = load_pretrained(model, args.init, allow_new=('decoder', 'mask_token'))
+        if run.is_main:
+            print(f"init from {args.init}: {len(report.loaded)} tensors loaded, new: "
+                  f"{', '.join(sorted({k.split('.')[0] for k in report.new})) or 'none'}")
+    optimizer = adamw(weight_decay_groups(model, args.weight_decay), run.lr, (0.9, 0.95), run.device)
+    start_epoch = 0
+    if args.resume:
+        ckpt = load_resume_checkpoint(args.resume, STAGE)
+        model.load_state_dict(ckpt['model'])
+        optimizer.load_state_dict(ckpt['optimizer'])
+        start_epoch = ckpt['epoch'] + 1
+    train_model = run.wrap(model, args.compile)
+    run.announce(model, f" | {len(dataset)} images, {len(loader)} steps/epoch")
+    log = prepare_log(run.output_dir, start_epoch)
+
+    # the loop --------------------------------------------------------------------------------------
+    for epoch in range(start_epoch, args.epochs):
+        seed_everything(args.seed, epoch, run.rank)
+        loader.sampler.set_epoch(epoch)
+        stats = train_one_epoch(train_model, loader, optimizer, epoch, run, args)
+        if run.is_main:
+            append_log(log, {'epoch': epoch, **stats})
+            save_checkpoint(run.output_dir / 'checkpoint.pth', stage=STAGE, epoch=epoch, args=vars(args),
+                            model=model.state_dict(), optimizer=optimizer.state_dict())
+            save_reconstruction_figure(model, shown_imgs, run.output_dir / 'reconstruction.png',
+                                       f"MAE {args.model}, epoch {epoch}, loss {stats['loss']:.3f}",
+                                       args.mask_ratio)
+            print(f"epoch {epoch}: loss {stats['loss']:.4f}, {stats['img_per_s']:.0f} img/s, "
+                  f"checkpoint {run.output_dir / 'checkpoint.pth'}", flush=True)
+    run.close()
+
+
+if __name__ == '__main__':
+    run_main(main)

@@ -1,0 +1,55 @@
+"""Shared fixtures: real data (Fashion-MNIST from Debian's package) as a named data set and as a
+small image folder in ImageNet layout, and a runner for the stage scripts."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+torch.set_num_threads(2)
+
+import data  # noqa: E402
+
+
+@pytest.fixture(scope='session')
+def fashion_root(tmp_path_factory):
+    """A --data-root holding Fashion-MNIST, unpacked from /usr/share/datasets/fashion-mnist."""
+    if not any(data.DEBIAN_FASHION_MNIST.glob('*-ubyte.gz')):
+        message = "needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)"
+        if os.environ.get('CI'):
+            pytest.fail(message)
+        pytest.skip(message)
+    root = tmp_path_factory.mktemp('data')
+    data._fashion_mnist_from_debian(root)
+    return root
+
+
+@pytest.fixture(scope='session')
+def fashion_folder(fashion_root, tmp_path_factory):
+    """A small real image folder, DIR/{train,val}/<class>/*.png: 40 train and 20 val grayscale
+    Fashion-MNIST images for each of the first 4 classes."""
+    from torchvision import datasets
+    root = tmp_path_factory.mktemp('fashion_folder')
+    for split, train, per_class in (('train', True, 40), ('val', False, 20)):
+        ds = datasets.FashionMNIST(fashion_root, train=train)
+        counts = {}
+        for img, label in ds:
+            if label >= 4 or counts.get(label, 0) >= per_class:
+                continue
+            counts[label] = counts.get(label, 0) + 1
+            folder = root / split / ds.classes[label].replace('/', '_')
+            folder.mkdir(parents=True, exist_ok=True)
+            img.save(folder / f'{counts[label]:03d}.png')
+            if sum(counts.values()) == 4 * per_class:
+                break
+    return root
+
+
+def run_script(script, *args, cwd=None, timeout=600):
+    """Run a stage script as a user would: a fresh process; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,309 @@
+"""The plumbing every training script shares, and nothing else: flags and YAML configs, distributed
+set-up, seeding, the warmup-cosine schedule, AdamW groups, AMP/compile, atomic checkpoints, the
+metrics log, and the one-line error report. No model or algorithm code lives here."""
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+
+from data import DataError
+from vit import CheckpointError, read_checkpoint
+
+
+class RunError(Exception):
+    """A problem with the run's input or state (bad config, wrong checkpoint, non-finite loss)."""
+
+
+USER_ERRORS = (RunError, DataError, CheckpointError)
+
+
+def run_main(main):
+    """Call main(); a user-facing error becomes one line on stderr and exit code 2, no traceback."""
+    try:
+        main()
+    except USER_ERRORS as e:
+        # an error raised in a DataLoader worker arrives wrapped with the worker's traceback: its
+        # last line holds our message
+        message = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        message = message.split(f"{type(e).__name__}: ", 1)[-1]
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint is intact", file=sys.stderr)
+        sys.exit(130)
+
+
+# --------------------------------------------------------------------------------------------------
+# Flags: one vocabulary for every stage; --config YAML sets defaults, flags override
+# --------------------------------------------------------------------------------------------------
+def add_common_args(parser, *, epochs, warmup_epochs, batch_size, blr, weight_decay, min_lr=0.0,
+                    img_size=224, patch_size=16):
+    """The flags every training script shares. Defaults are the stage's paper values."""
+    def on_off(name, help):
+        parser.add_argument(f'--{name}', action=argparse.BooleanOptionalAction, default=None,
+                            help=help + ' (default: on for CUDA, off on CPU)')
+
+    g = parser.add_argument_group('run')
+    g.add_argument('--config', help='YAML file of defaults (keys are flag names); flags override it')
+    g.add_argument('--output-dir', default='output', help='checkpoint, log.jsonl, config, figures')
+    g.add_argument('--resume', help='checkpoint of this stage to continue exactly (its flags are the '
+                                    'defaults; flags given now override, e.g. --epochs)')
+    g.add_argument('--init', help='weights to start from: ours, official MAE, MAE-Lite, timm/DeiT')
+    g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    on_off('amp', 'bf16 autocast')
+    on_off('compile', 'torch.compile the model')
+    g.add_argument('--seed', type=int, default=0)
+
+    g = parser.add_argument_group('data')
+    g.add_argument('--data', default='fashion_mnist',
+                   help='fashion_mnist, cifar10, cifar100, flowers, pets, aircraft, cars, synthetic, '
+                        'or a folder with train/<class>/* and val/<class>/*')
+    g.add_argument('--data-root', default='data', help='where named data sets live or download to')
+    g.add_argument('--img-size', type=int, default=img_size, help=f'paper: {img_size}')
+    g.add_argument('--patch-size', type=int, default=patch_size, help=f'paper: {patch_size}')
+    g.add_argument('--num-workers', type=int, default=4, help='data loader processes per GPU')
+
+    g = parser.add_argument_group('optimisation')
+    g.add_argument('--model', default='vit_tiny', choices=['vit_tiny', 'vit_small', 'vit_base'])
+    g.add_argument('--epochs', type=int, default=epochs, help=f'paper: {epochs}')
+    g.add_argument('--warmup-epochs', type=float, default=warmup_epochs, help=f'paper: {warmup_epochs}')
+    g.add_argument('--batch-size', type=int, default=batch_size,
+                   help=f'per process; effective batch = batch-size x accum-iter x processes')
+    g.add_argument('--accum-iter', type=int, default=1, help='micro-batches per optimizer step')
+    g.add_argument('--blr', type=float, default=blr,
+                   help=f'base lr per 256 images: lr = blr x effective batch / 256 (paper: {blr})')
+    g.add_argument('--lr', type=float, default=None, help='absolute lr; overrides --blr')
+    g.add_argument('--min-lr', type=float, default=min_lr, help=f'cosine floor (paper: {min_lr})')
+    g.add_argument('--weight-decay', type=float, default=weight_decay, help=f'paper: {weight_decay}')
+    return parser
+
+
+def parse_args(parser, argv=None):
+    """Flags > --config YAML > the --resume checkpoint's flags > the parser's (paper) defaults."""
+    known, _ = parser.parse_known_args(argv)
+    if known.resume:
+        saved = read_checkpoint(known.resume)
+        if not isinstance(saved, dict) or not isinstance(saved.get('args'), dict):
+            raise RunError(f"--resume {known.resume} is not a checkpoint written by these scripts; "
+                           f"use --init to start from other weights")
+        saved_args = {k: v for k, v in saved['args'].items() if k not in ('resume', 'config')}
+        parser.set_defaults(**saved_args)
+    if known.config:
+        parser.set_defaults(**read_config(parser, known.config))
+    args = parser.parse_args(argv)
+    if args.img_size % args.patch_size:
+        raise RunError(f"--img-size {args.img_size} is not divisible by --patch-size "
+                       f"{args.patch_size}: pick a multiple, e.g. --img-size "
+                       f"{round(args.img_size / args.patch_size) * args.patch_size}")
+    return args
+
+
+def read_config(parser, path):
+    """YAML of flag defaults; keys may use - or _. An unknown key is an error, not silently ignored."""
+    try:
+        config = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise RunError(f"cannot read config {path}: {str(e).splitlines()[0]}") from None
+    actions = {a.dest: a for a in parser._actions}
+    defaults = {}
+    for key, value in config.items():
+        dest = key.replace('-', '_')
+        if dest not in actions:
+            raise RunError(f"config {path}: unknown key '{key}' (see --help for the flags)")
+        action = actions[dest]
+        if isinstance(value, str) and action.type is not None:
+            value = action.type(value)  # PyYAML reads '1e-3' as a string
+        defaults[dest] = value
+    return defaults
+
+
+# --------------------------------------------------------------------------------------------------
+# Devices, processes, seeds
+# --------------------------------------------------------------------------------------------------
+class Run:
+    """Where this process runs: device, rank and world size (torchrun sets RANK/WORLD_SIZE)."""
+
+    def __init__(self, args):
+        self.distributed = 'RANK' in os.environ and int(os.environ.get('WORLD_SIZE', 1)) > 1
+        self.rank = int(os.environ.get('RANK', 0))
+        self.world_size = int(os.environ.get('WORLD_SIZE', 1))
+        self.local_rank = int(os.environ.get('LOCAL_RANK', 0))
+        if args.device.startswith('cuda') and not torch.cuda.is_available():
+            raise RunError("--device cuda but no CUDA device is visible: pass --device cpu")
+        if args.device == 'cuda':
+            self.device = torch.device('cuda', self.local_rank)
+            torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        else:
+            self.device = torch.device(args.device)
+        if self.distributed:
+            dist.init_process_group('nccl' if self.device.type == 'cuda' else 'gloo')
+        self.is_main = self.rank == 0
+        # AMP and compile default on for CUDA, off on CPU
+        on_gpu = self.device.type == 'cuda'
+        args.amp = on_gpu if args.amp is None else args.amp
+        args.compile = on_gpu if args.compile is None else args.compile
+        self.effective_batch = args.batch_size * args.accum_iter * self.world_size
+        self.lr = args.lr if args.lr is not None else args.blr * self.effective_batch / 256
+        self.output_dir = Path(args.output_dir)
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            write_atomically(self.output_dir / 'config.yaml',
+                             yaml.safe_dump(vars(args), sort_keys=False).encode())
+
+    def announce(self, model, extra=''):
+        """The one line a run starts with."""
+        params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if self.is_main:
+            print(f"device {self.device} x {self.world_size} | {params / 1e6:.2f}M trainable params | "
+                  f"effective batch {self.effective_batch} | lr {self.lr:.3g} | "
+                  f"output {self.output_dir}{extra}", flush=True)
+
+    def autocast(self, enabled):
+        """bf16 autocast (no loss scaler needed, unlike fp16)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def wrap(self, model, compile):
+        """torch.compile, then DDP (the order nanoGPT and the DDP docs use)."""
+        if compile:
+            model = torch.compile(model)
+        if self.distributed:
+            ids = [self.device.index] if self.device.type == 'cuda' else None
+            model = DistributedDataParallel(model, device_ids=ids)
+        return model
+
+    def mean_over_processes(self, value):
+        """Average a float over all processes (for the epoch's logged metrics)."""
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.item() / self.world_size
+
+    def sum_over_processes(self, tensor):
+        if self.distributed:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def close(self):
+        if self.distributed:
+            dist.destroy_process_group()
+
+
+def seed_everything(seed, epoch=0, rank=0):
+    """Seed from (seed, epoch, rank) at the start of each epoch: masking, augmentation and loader
+    workers then depend only on these, so a resumed run repeats the uninterrupted one exactly and
+    checkpoints need no RNG state."""
+    value = seed + 100_003 * epoch + 1_009 * rank
+    random.seed(value)
+    torch.manual_seed(value)
+
+
+def no_sync_unless(model, sync):
+    """Under DDP, skip the gradient all-reduce on micro-batches that do not end an accumulation."""
+    if sync or not isinstance(model, DistributedDataParallel):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
+def unwrap(model):
+    """The plain module under DDP and torch.compile wrappers (for saving and evaluation)."""
+    model = model.module if isinstance(model, DistributedDataParallel) else model
+    return getattr(model, '_orig_mod', model)
+
+
+# --------------------------------------------------------------------------------------------------
+# Optimisation
+# --------------------------------------------------------------------------------------------------
+def lr_at(epoch, lr, min_lr, warmup_epochs, epochs):
+    """Linear warmup from 0 for `warmup_epochs`, then half-cosine to `min_lr`. `epoch` is a float
+    (epoch + step / steps_per_epoch), so the schedule moves every iteration."""
+    if epoch < warmup_epochs:
+        return lr * epoch / warmup_epochs
+    progress = (epoch - warmup_epochs) / max(epochs - warmup_epochs, 1e-8)
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def set_lr(optimizer, lr):
+    """Each group gets lr times its `lr_scale` (layer decay; 1 when absent)."""
+    for group in optimizer.param_groups:
+        group['lr'] = lr * group.get('lr_scale', 1.0)
+
+
+def weight_decay_groups(model, weight_decay, no_decay=()):
+    """Two AdamW groups: decay for weight matrices, none for 1-D parameters (norms, biases) and for
+    names in `no_decay`. Frozen parameters (sin-cos position embeddings) are left out."""
+    decay, skip = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (skip if p.ndim <= 1 or name.endswith('.bias') or name in no_decay else decay).append(p)
+    return [{'params': decay, 'weight_decay': weight_decay}, {'params': skip, 'weight_decay': 0.0}]
+
+
+def adamw(groups, lr, betas, device):
+    """AdamW; the fused kernel on CUDA, the multi-tensor (foreach) one elsewhere."""
+    fused = device.type == 'cuda'
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused, foreach=None if fused else True)
+
+
+def check_finite(loss_value, epoch, step, output_dir):
+    if not math.isfinite(loss_value):
+        raise RunError(f"loss is {loss_value} at epoch {epoch} step {step}: training diverged; "
+                       f"lower --blr or raise --warmup-epochs, then --resume from the last good "
+                       f"checkpoint in {output_dir} (it is intact)")
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints and the metrics log
+# --------------------------------------------------------------------------------------------------
+def write_atomically(path, payload):
+    """Write bytes to a temporary file, then rename: a crash leaves the old file or the new one."""
+    tmp = Path(f"{path}.tmp")
+    with open(tmp, 'wb') as f:
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path, **state):
+    """torch.save, atomically. Saved args must be plain types (loadable with weights_only=True)."""
+    tmp = Path(f"{path}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_resume_checkpoint(path, stage):
+    """The checkpoint `--resume` names, checked to be one of this stage."""
+    ckpt = read_checkpoint(path)
+    if not isinstance(ckpt, dict) or ckpt.get('stage') != stage or 'optimizer' not in ckpt:
+        found = ckpt.get('stage', 'unknown') if isinstance(ckpt, dict) else 'unknown'
+        raise RunError(f"--resume {path} is a '{found}' checkpoint, not a '{stage}' one; to start "
+                       f"from its weights use --init")
+    return ckpt
+
+
+def prepare_log(output_dir, start_epoch):
+    """A resumed run appends to log.jsonl; lines of epochs it will redo are dropped first."""
+    log = Path(output_dir) / 'log.jsonl'
+    if log.exists():
+        kept = [line for line in log.read_text().splitlines()
+                if line.strip() and json.loads(line).get('epoch', -1) < start_epoch]
+        write_atomically(log, ''.join(line + '\n' for line in kept).encode())
+    return log
+
+
+def append_log(log, record):
+    with open(log, 'a') as f:
+        f.write(json.dumps(record) + '\n')
