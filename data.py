@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import datasets
 from torchvision.transforms import InterpolationMode, v2
 
@@ -170,8 +170,17 @@ def _named_dataset(name, root, train, transform):
     raise AssertionError(name)
 
 
-def build_dataset(data, root, train, transform, synthetic_size=32):
-    """-> (dataset, num_classes). `data`: a name in NAMED or a folder in ImageNet layout."""
+def build_dataset(data, root, train, transform, synthetic_size=32, subset=0):
+    """-> (dataset, num_classes). `data`: a name in NAMED or a folder in ImageNet layout.
+    `subset` > 0 keeps a fixed random sample of that many images (for quick runs)."""
+    dataset, num_classes = _build_full_dataset(data, root, train, transform, synthetic_size)
+    if 0 < subset < len(dataset):
+        keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:subset]
+        dataset = Subset(dataset, keep.sort().values.tolist())
+    return dataset, num_classes
+
+
+def _build_full_dataset(data, root, train, transform, synthetic_size):
     if data == 'synthetic':
         return SyntheticImages(512 if train else 128, size=synthetic_size, seed=0 if train else 1,
                                transform=transform), 10

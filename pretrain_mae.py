@@ -262,7 +262,7 @@ def main(argv=None):
     # data ------------------------------------------------------------------------------------------
     dataset, _ = build_dataset(args.data, args.data_root, train=True,
                                transform=pretrain_transform(args.img_size, args.min_crop_scale),
-                               synthetic_size=args.img_size)
+                               synthetic_size=args.img_size, subset=args.subset)
     loader = build_loader(dataset, args.batch_size, train=True, num_workers=args.num_workers,
                           device=run.device, seed=args.seed, rank=run.rank, world_size=run.world_size)
     shown, _ = build_dataset(args.data, args.data_root, train=False,

@@ -71,6 +71,8 @@ def add_common_args(parser, *, epochs, warmup_epochs, batch_size, blr, weight_de
     g.add_argument('--img-size', type=int, default=img_size, help=f'paper: {img_size}')
     g.add_argument('--patch-size', type=int, default=patch_size, help=f'paper: {patch_size}')
     g.add_argument('--num-workers', type=int, default=4, help='data loader processes per GPU')
+    g.add_argument('--subset', type=int, default=0,
+                   help='train on a fixed random sample of this many images (0: all), for quick runs')
 
     g = parser.add_argument_group('optimisation')
     g.add_argument('--model', default='vit_tiny', choices=['vit_tiny', 'vit_small', 'vit_base'])
