@@ -12,6 +12,7 @@ Run `python pretrain_mae.py --help` for the flags; `--config configs/mae_tiny_im
 paper's 400-epoch ImageNet recipe, `--config configs/mae_tiny_fashion_mnist.yaml` a laptop one.
 """
 import argparse
+import math
 import os
 import time
 
@@ -24,7 +25,7 @@ from data import IMAGENET_MEAN, IMAGENET_STD, build_dataset, build_loader, eval_
 from training import (Run, RunError, add_common_args, adamw, append_log, check_finite, load_resume_checkpoint,
                       lr_at, no_sync_unless, parse_args, prepare_log, run_main, save_checkpoint,
                       seed_everything, set_lr, weight_decay_groups)
-from vit import Block, VisionTransformer, load_pretrained, sincos_pos_embed
+from vit import Block, CheckpointError, VisionTransformer, load_pretrained, read_checkpoint, sincos_pos_embed
 
 STAGE = 'pretrain_mae'
 
@@ -151,6 +152,41 @@ def mae_base(**kwargs):
 
 
 MAES = {'vit_tiny': mae_tiny, 'vit_small': mae_small, 'vit_base': mae_base}
+
+
+def load_mae(path, img_size=None, norm_pix_loss=None):
+    """An MAE with its decoder from a pre-training checkpoint: ours, official MAE ({'model': sd}) or
+    MAE-Lite ('module.model.' keys). The size (tiny/small/base by encoder width), patch size and
+    native image size (img_size=None) are read from the weights; norm_pix_loss from our saved args,
+    else as given (default on, as MAE-Lite trains). Both position tables are fixed sin-cos functions
+    of the grid, so they are rebuilt for the image size rather than loaded."""
+    ckpt = read_checkpoint(path)
+    ckpt = ckpt if isinstance(ckpt, dict) else {}
+    state = {k.removeprefix('module.').removeprefix('model.'): v
+             for k, v in ckpt.get('model', ckpt).items() if isinstance(v, torch.Tensor)}
+    if not {'decoder_pred.weight', 'patch_embed.proj.weight', 'pos_embed', 'cls_token'} <= state.keys():
+        raise CheckpointError(f"{path} holds no MAE with its decoder: pass a pre-training checkpoint "
+                              f"that keeps it (ours, MAE-Lite's, or official MAE's visualisation ones)")
+    sizes = {192: 'vit_tiny', 384: 'vit_small', 768: 'vit_base'}
+    width, patch_size = state['cls_token'].shape[-1], state['patch_embed.proj.weight'].shape[-1]
+    if width not in sizes:
+        raise CheckpointError(f"{path}: encoder width {width} is none of {sorted(sizes)} (tiny/small/base)")
+    native_grid = math.isqrt(state.pop('pos_embed').shape[1] - 1)     # (1, 1 + grid**2, D)
+    state.pop('decoder_pos_embed', None)
+    saved_args = ckpt['args'] if isinstance(ckpt.get('args'), dict) else {}
+    if norm_pix_loss is None:
+        norm_pix_loss = saved_args.get('norm_pix_loss', True)
+    model = MAES[sizes[width]](img_size=img_size or native_grid * patch_size, patch_size=patch_size,
+                               norm_pix_loss=norm_pix_loss)
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+             if k in own and v.shape != own[k].shape]
+    missing = [k for k in own if k not in state and k not in ('pos_embed', 'decoder_pos_embed')]
+    if wrong or missing:
+        raise CheckpointError(f"{path} does not fit {sizes[width]}'s MAE: "
+                              f"{'; '.join(wrong[:3] + [f'missing {k}' for k in missing[:3]])}")
+    model.load_state_dict(state, strict=False)
+    return model
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,369 @@
+"""The paper's analysis tools (MAE-Lite, Sec. 4): what do the layers of a pre-trained ViT learn?
+
+  cka          layer-by-layer linear CKA between two models (minibatch, unbiased HSIC estimator of
+               Nguyen, Raghu & Kornblith 2021) on a data set's val split: a (depth+1) x (depth+1) heatmap
+  attention    per layer and head: mean attention distance (pixels) and attention entropy among patch
+               tokens, as the paper's two scatter plots (heads as dots, the layer mean as a line)
+  reconstruct  an MAE's original / masked / reconstruction figure, the one pre-training draws
+
+A checkpoint is any of ours, official MAE, MAE-Lite or timm/DeiT, pre-trained or fine-tuned; `random`
+is a random-init encoder (--model, --patch-size, --seed). A checkpoint's size (tiny/small/base by
+width), patch size and native image size are read from its weights; --img-size overrides the size
+the images are shown at (position embeddings are then resized).
+
+Examples:
+  python analyze.py cka --a output/mae/checkpoint.pth --b random --data fashion_mnist
+  python analyze.py attention --ckpt mae_tiny_400e.pth.tar --data /datasets/imagenet
+  python analyze.py reconstruct --ckpt output/mae/checkpoint.pth
+"""
+import argparse
+import csv
+import json
+import math
+from pathlib import Path
+
+import torch
+from einops import rearrange
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from data import build_dataset, eval_transform
+from pretrain_mae import load_mae, save_reconstruction_figure
+from training import RunError, run_main
+from vit import MODELS, CheckpointError, encoder_state_dict, load_pretrained, read_checkpoint
+
+WIDTHS = {192: 'vit_tiny', 384: 'vit_small', 768: 'vit_base'}    # encoder width -> model name
+
+
+# --------------------------------------------------------------------------------------------------
+# The formulas
+# --------------------------------------------------------------------------------------------------
+def unbiased_hsic(K, L):
+    """Unbiased HSIC estimator (Song et al. 2012) of n x n Gram matrices, batched over leading dims
+    (broadcast). With K~, L~ = K, L with zeroed diagonals and 1 the all-ones vector:
+        HSIC1 = [tr(K~L~) + (1'K~1)(1'L~1) / ((n-1)(n-2)) - 2/(n-2) 1'K~L~1] / (n(n-3)).
+    K (..., n, n), L (..., n, n) -> (...). Needs n > 3."""
+    n = K.shape[-1]
+    K = K * (1 - torch.eye(n, dtype=K.dtype, device=K.device))
+    L = L * (1 - torch.eye(n, dtype=L.dtype, device=L.device))
+    trace_KL = (K * L).sum(dim=(-2, -1))                     # tr(KL) = sum_ij K_ij L_ji, L symmetric
+    sums = K.sum(dim=(-2, -1)) * L.sum(dim=(-2, -1)) / ((n - 1) * (n - 2))
+    cross = (K.sum(dim=-2) * L.sum(dim=-1)).sum(dim=-1)      # 1'KL1 = (K'1) . (L1)
+    return (trace_KL + sums - 2 / (n - 2) * cross) / (n * (n - 3))
+
+
+def minibatch_cka(batches):
+    """Linear CKA between every layer i of model X and every layer j of model Y, accumulated over
+    minibatches b (Nguyen et al. 2021), with K = X Xᵀ and L = Y Yᵀ per batch:
+        CKA_ij = mean_b HSIC1(K_i, L_j) / sqrt(mean_b HSIC1(K_i, K_i) * mean_b HSIC1(L_j, L_j)).
+    `batches` yields (xs, ys): lists of per-layer features, each (n, features) for the same n images
+    (feature sizes may differ between layers and models). Returns (layers of X, layers of Y), float64."""
+    hsic_xy = hsic_xx = hsic_yy = 0.0
+    num_batches = 0
+    for xs, ys in batches:
+        K = torch.stack([x.double() @ x.double().T for x in xs])      # (Lx, n, n)
+        L = torch.stack([y.double() @ y.double().T for y in ys])      # (Ly, n, n)
+        hsic_xy = hsic_xy + unbiased_hsic(K[:, None], L[None])        # (Lx, Ly)
+        hsic_xx = hsic_xx + unbiased_hsic(K, K)                       # (Lx,)
+        hsic_yy = hsic_yy + unbiased_hsic(L, L)                       # (Ly,)
+        num_batches += 1
+    hsic_xy, hsic_xx, hsic_yy = hsic_xy / num_batches, hsic_xx / num_batches, hsic_yy / num_batches
+    return hsic_xy / torch.sqrt(hsic_xx[:, None] * hsic_yy[None, :])
+
+
+def patch_attention(attn_logits):
+    """Attention among patch tokens only: cut the cls query row and key column of the pre-softmax
+    logits and softmax again over the N patch keys. (B, heads, 1+N, 1+N) -> (B, heads, N, N)."""
+    return attn_logits[:, :, 1:, 1:].softmax(dim=-1)
+
+
+def attention_distance(attn, grid_size, patch_size):
+    """Mean attention distance in pixels, per image and head: the expected distance between a query
+    patch centre c_i and the key patch centres c_j (grid units), times the patch size, averaged over
+    queries:  (patch_size / N) sum_i sum_j p_ij ||c_i - c_j||.  attn (B, heads, N, N) -> (B, heads)."""
+    rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing='ij')
+    centres = torch.stack([rows.flatten(), cols.flatten()], dim=1).float()   # (N, 2), row-major
+    distance = torch.cdist(centres, centres).to(attn.device)                  # (N, N)
+    return (attn * distance).sum(dim=-1).mean(dim=-1) * patch_size
+
+
+def attention_entropy(attn):
+    """Attention entropy per image and head, averaged over queries i:
+        -(1/N) sum_i sum_j p_ij ln(p_ij + 1e-6).   attn (B, heads, N, N) -> (B, heads)."""
+    return -(attn * torch.log(attn + 1e-6)).sum(dim=-1).mean(dim=-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Models and data
+# --------------------------------------------------------------------------------------------------
+def build_encoder(spec, args, img_size=None, seed_offset=0):
+    """A VisionTransformer encoder (no head) in eval mode for images of `img_size` (None: a
+    checkpoint's native size, 224 for `random`), and a label for plots.
+
+    `random`: --model with --patch-size, seeded by --seed (+ seed_offset, so that two random models
+    differ). A checkpoint: its size, patch size and native image size come from its weights. Its
+    final layer is the checkpoint's own final norm: a checkpoint with `fc_norm` (fine-tuned with
+    global pooling) gives a global-pool model, whose last layer is fc_norm on every token; one
+    without (MAE / MAE-Lite pre-training, DeiT) a cls model, whose last layer is its trained `norm`.
+    (MAE-Lite's tool instead puts a fresh, untrained fc_norm on MAE checkpoints: a per-channel affine
+    map away from ours.)"""
+    if spec == 'random':
+        torch.manual_seed(args.seed + seed_offset)
+        img_size = img_size or 224
+        check_divisible(img_size, args.patch_size, spec)
+        model = MODELS[args.model](img_size=img_size, patch_size=args.patch_size, num_classes=0)
+        return model.eval(), f"random-init {args.model}"
+    state = encoder_state_dict(read_checkpoint(spec))
+    if 'cls_token' not in state or 'patch_embed.proj.weight' not in state or 'pos_embed' not in state:
+        raise CheckpointError(f"{spec} holds no ViT encoder (no cls_token / patch_embed / pos_embed)")
+    width = state['cls_token'].shape[-1]
+    if width not in WIDTHS:
+        raise CheckpointError(f"{spec}: encoder width {width} is none of {sorted(WIDTHS)} (tiny/small/base)")
+    patch_size = state['patch_embed.proj.weight'].shape[-1]
+    img_size = img_size or math.isqrt(state['pos_embed'].shape[1] - 1) * patch_size
+    check_divisible(img_size, patch_size, spec)
+    model = MODELS[WIDTHS[width]](img_size=img_size, patch_size=patch_size, num_classes=0,
+                                  global_pool='fc_norm.weight' in state)
+    load_pretrained(model, spec, allow_new=())
+    return model.eval(), f"{spec} ({WIDTHS[width]}, patch {patch_size})"
+
+
+def check_divisible(img_size, patch_size, spec):
+    if img_size % patch_size:
+        raise RunError(f"--img-size {img_size} is not divisible by the patch size {patch_size} of {spec}")
+
+
+def val_images(args, img_size):
+    """A fixed random sample of --num-images of the val split, with the eval transform."""
+    dataset, _ = build_dataset(args.data, args.data_root, train=False, transform=eval_transform(img_size),
+                               synthetic_size=img_size, subset=args.num_images)
+    return dataset
+
+
+def val_loader(args, img_size, drop_last=False):
+    dataset = val_images(args, img_size)
+    if drop_last and len(dataset) < args.batch_size:
+        raise RunError(f"{len(dataset)} images are fewer than one batch of {args.batch_size}: "
+                       f"lower --batch-size or raise --num-images")
+    return DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers, drop_last=drop_last)
+
+
+def device_of(args):
+    if args.device.startswith('cuda') and not torch.cuda.is_available():
+        raise RunError("--device cuda but no CUDA device is visible: pass --device cpu")
+    return torch.device(args.device)
+
+
+def layer_features(model, imgs):
+    """The depth + 1 layers CKA compares, each (B, N*D): the normed input of every block and the
+    final normed output, patch tokens only (cls removed), flattened per image."""
+    layers = model.encode(imgs, return_layers=True).layers            # depth + 1 of (B, 1 + N, D)
+    return [rearrange(x[:, 1:], 'b n d -> b (n d)') for x in layers]
+
+
+# --------------------------------------------------------------------------------------------------
+# Sub-commands
+# --------------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def cka_command(args):
+    device = device_of(args)
+    # both models see the same images: at --img-size, else at the native size of the model built
+    # first, a checkpoint when there is one (a `random` model has no size of its own)
+    if args.a == 'random' and args.b != 'random':
+        model_b, name_b = build_encoder(args.b, args, args.img_size, seed_offset=1)
+        model_a, name_a = build_encoder(args.a, args, model_b.patch_embed.img_size)
+    else:
+        model_a, name_a = build_encoder(args.a, args, args.img_size)
+        model_b, name_b = build_encoder(args.b, args, model_a.patch_embed.img_size, seed_offset=1)
+    img_size = model_a.patch_embed.img_size
+    model_a, model_b = model_a.to(device), model_b.to(device)
+    # every batch the same size: the estimator averages per-batch HSICs, and needs n > 3
+    loader = val_loader(args, img_size, drop_last=True)
+    batches = ((layer_features(model_a, imgs.to(device)), layer_features(model_b, imgs.to(device)))
+               for imgs, _ in tqdm(loader, desc='cka', dynamic_ncols=True))
+    cka = minibatch_cka(batches).cpu()                                # (depth_a + 1, depth_b + 1)
+
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [[round(v, 6) for v in row] for row in cka.tolist()]
+    (out / 'cka.json').write_text(json.dumps(rows))
+    with open(out / 'cka.csv', 'w', newline='') as f:
+        writer = csv.writer(f)
+        writer.writerow(['layer_a \\ layer_b', *range(cka.shape[1])])
+        writer.writerows([i, *row] for i, row in enumerate(rows))
+    num_images = len(loader) * args.batch_size
+    plot_cka(cka, name_a, name_b, f"{args.data}, {num_images} val images at {img_size} px", out / 'cka.png')
+    print(f"CKA of {name_a} (rows) vs {name_b} (columns) over {num_images} images: "
+          f"{out / 'cka.png'}, {out / 'cka.json'}, {out / 'cka.csv'}")
+    diagonal = cka.diagonal()
+    print(f"diagonal (layer i vs layer i, i = 0..{len(diagonal) - 1}): "
+          + ' '.join(f"{v:.2f}" for v in diagonal.tolist()))
+
+
+@torch.inference_mode()
+def attention_command(args):
+    device = device_of(args)
+    model, name = build_encoder(args.ckpt, args, args.img_size)
+    model = model.to(device)
+    grid, patch_size = model.patch_embed.grid_size, model.patch_embed.patch_size
+    loader = val_loader(args, model.patch_embed.img_size)
+    distance = torch.zeros(model.depth, model.num_heads, device=device)
+    entropy = torch.zeros(model.depth, model.num_heads, device=device)
+    num_images = 0
+    for imgs, _ in tqdm(loader, desc='attention', dynamic_ncols=True):
+        attn_logits = model.encode(imgs.to(device), attn_layers=range(model.depth)).attn_logits
+        for layer, logits in attn_logits.items():                      # (B, heads, 1 + N, 1 + N)
+            attn = patch_attention(logits)                             # (B, heads, N, N)
+            distance[layer] += attention_distance(attn, grid, patch_size).sum(dim=0)
+            entropy[layer] += attention_entropy(attn).sum(dim=0)
+        num_images += imgs.shape[0]
+    distance, entropy = (distance / num_images).cpu(), (entropy / num_images).cpu()   # (depth, heads)
+
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    records = [{'layer': layer, 'head': head, 'distance_px': round(distance[layer, head].item(), 4),
+                'entropy': round(entropy[layer, head].item(), 4)}
+               for layer in range(model.depth) for head in range(model.num_heads)]
+    (out / 'attention.json').write_text(json.dumps(records, indent=1))
+    with open(out / 'attention.csv', 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+    about = f"{name}\n{args.data}, {num_images} val images at {model.patch_embed.img_size} px"
+    plot_per_head(distance, f"mean attention distance (pixels = patch distance x {patch_size})",
+                  about, out / 'attention_distance.png')
+    plot_per_head(entropy, 'mean attention entropy (nats)', about, out / 'attention_entropy.png')
+    print(f"attention of {name} over {num_images} images: {out / 'attention_distance.png'}, "
+          f"{out / 'attention_entropy.png'}, {out / 'attention.json'}, {out / 'attention.csv'}")
+    print("mean distance per layer (px): " + ' '.join(f"{v:.1f}" for v in distance.mean(1).tolist()))
+    print("mean entropy per layer:       " + ' '.join(f"{v:.2f}" for v in entropy.mean(1).tolist()))
+
+
+@torch.inference_mode()
+def reconstruct_command(args):
+    device = device_of(args)
+    model = load_mae(args.ckpt, args.img_size, args.norm_pix_loss).to(device).eval()
+    imgs = torch.stack([img for img, _ in val_images(args, model.patch_embed.img_size)])   # (n, 3, H, W)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / 'reconstruction.png'
+    size = f"{model.embed_dim}-wide MAE, patch {model.patch_embed.patch_size}, {model.patch_embed.img_size} px"
+    save_reconstruction_figure(model, imgs, path, f"{args.ckpt} ({size})", args.mask_ratio, args.seed)
+    torch.manual_seed(args.seed)
+    loss, _, _ = model(imgs.to(device), args.mask_ratio)
+    print(f"reconstruction of {len(imgs)} {args.data} val images: {path}")
+    print(f"{size}, norm_pix_loss {'on' if model.norm_pix_loss else 'off'}: MAE loss on these images "
+          f"{loss.item():.4f} (mask ratio {args.mask_ratio})")
+
+
+# --------------------------------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------------------------------
+def pyplot():
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_cka(cka, name_a, name_b, about, path):
+    """Heatmap of the CKA matrix, layer 0 at the bottom left, values written in the cells."""
+    plt = pyplot()
+    rows, cols = cka.shape
+    fig, ax = plt.subplots(figsize=(1.2 + 0.5 * cols, 1.0 + 0.5 * rows))
+    image = ax.imshow(cka.numpy(), origin='lower', cmap='magma', vmin=0, vmax=1)
+    for i in range(rows):
+        for j in range(cols):
+            ax.text(j, i, f"{cka[i, j]:.2f}", ha='center', va='center', fontsize=6,
+                    color='black' if cka[i, j] > 0.6 else 'white')
+    ax.set_xticks(range(cols))
+    ax.set_yticks(range(rows))
+    ax.set_xlabel(f"layer of B: {name_b}", fontsize=8)
+    ax.set_ylabel(f"layer of A: {name_a}", fontsize=8)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label='linear CKA')
+    ax.set_title(f"layer i < depth: input of block i (after norm1); last: final norm\n{about}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_per_head(values, ylabel, about, path):
+    """The paper's scatter plot: one dot per head at each layer, the layer mean as a line.
+    values (depth, heads)."""
+    plt = pyplot()
+    depth, heads = values.shape
+    fig, ax = plt.subplots(figsize=(6, 4))
+    layers = torch.arange(depth)
+    ax.scatter(layers.repeat_interleave(heads), values.flatten(), s=14, alpha=0.6, label='a head')
+    ax.plot(layers, values.mean(dim=1), color='black', marker='o', markersize=3, label='layer mean')
+    ax.set_xticks(range(depth))
+    ax.set_xlabel('block (0 = first)')
+    ax.set_ylabel(ylabel, fontsize=9)
+    ax.set_title(about, fontsize=8)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Flags
+# --------------------------------------------------------------------------------------------------
+def add_shared_args(parser, num_images, batch_size=None, random_model=True):
+    """The shared flag vocabulary, as far as an analysis reads it (batch_size=None: no loader)."""
+    g = parser.add_argument_group('data and run')
+    g.add_argument('--data', default='fashion_mnist',
+                   help='fashion_mnist, cifar10, cifar100, flowers, pets, aircraft, cars, synthetic, '
+                        'or a folder with train/<class>/* and val/<class>/* (its val split is used)')
+    g.add_argument('--data-root', default='data', help='where named data sets live or download to')
+    g.add_argument('--img-size', type=int, default=None,
+                   help="image size shown to the model (default: the checkpoint's native size)")
+    g.add_argument('--num-images', type=int, default=num_images,
+                   help=f'a fixed random sample of this many val images (default {num_images})')
+    if batch_size:
+        g.add_argument('--batch-size', type=int, default=batch_size, help=f'default {batch_size}')
+        g.add_argument('--num-workers', type=int, default=4, help='data loader processes')
+    g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    g.add_argument('--output-dir', default='output/analysis', help='where the figures and tables go')
+    g.add_argument('--seed', type=int, default=0,
+                   help='the masking shown' if not random_model else 'weights of a `random` encoder')
+    if random_model:
+        g = parser.add_argument_group('a `random` encoder (a checkpoint brings its own)')
+        g.add_argument('--model', default='vit_tiny', choices=list(MODELS))
+        g.add_argument('--patch-size', type=int, default=16, help='paper: 16')
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest='command', required=True)
+
+    p = commands.add_parser('cka', help='layer-wise linear CKA between two models')
+    p.add_argument('--a', required=True, help='checkpoint, or `random` (rows of the matrix)')
+    p.add_argument('--b', required=True, help='checkpoint, or `random` (columns)')
+    add_shared_args(p, num_images=1000, batch_size=128)    # paper: ~1,000 ImageNet val images, batch 128
+    p.set_defaults(func=cka_command)
+
+    p = commands.add_parser('attention', help='per-head attention distance and entropy')
+    p.add_argument('--ckpt', required=True, help='checkpoint, or `random`')
+    add_shared_args(p, num_images=1000, batch_size=32)     # 12 layers of (B, heads, N, N) logits
+    p.set_defaults(func=attention_command)
+
+    p = commands.add_parser('reconstruct', help="an MAE's reconstructions of a few val images")
+    p.add_argument('--ckpt', required=True, help='MAE pre-training checkpoint that keeps the decoder')
+    p.add_argument('--mask-ratio', type=float, default=0.75, help='paper: 0.75')
+    p.add_argument('--norm-pix-loss', action=argparse.BooleanOptionalAction, default=None,
+                   help="whether the MAE predicts normalised patches (default: the checkpoint's "
+                        "saved flag, else on)")
+    add_shared_args(p, num_images=6, random_model=False)
+    p.set_defaults(func=reconstruct_command)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == '__main__':
+    run_main(main)

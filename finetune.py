@@ -1,0 +1,296 @@
+"""Fine-tuning a ViT classifier end to end: the paper's improved ImageNet recipe, MAE's default one, the
+SGD transfer recipe for small data sets, and the supervised from-scratch baseline.
+
+The recipe in four ideas, each in one place below:
+  1. init:         `--init` loads a pre-trained encoder (ours, official MAE, MAE-Lite, MoCo-v3,
+                   timm/DeiT); the head and fc_norm start fresh. Without it the same recipe trains from
+                   scratch, which is the paper's supervised baseline.
+  2. layer decay:  block k's lr is scaled by decay^(depth + 1 - k) (`layer_decay_groups`), so the
+                   pre-trained lower layers move least.
+  3. augmentation: RandomResizedCrop + flip + RandAugment + random erasing per image (data.py), then
+                   MixUp / CutMix per batch (`build_batch_mixing`), with label smoothing in the loss.
+  4. evaluation:   top-1, top-5 and loss on the validation set after every epoch, into log.jsonl; the
+                   best and the last checkpoint are kept.
+
+Recipes: `--config configs/finetune_tiny_imagenet_improved.yaml` (the paper's 300 epochs),
+`configs/finetune_tiny_imagenet_mae_default.yaml` (MAE's recipe it improves on),
+`configs/finetune_transfer.yaml` (CIFAR-100 and other small data sets), and
+`configs/finetune_fashion_mnist_quick.yaml` (a few minutes on a CPU).
+`--eval-only --init CKPT` evaluates a fine-tuned checkpoint and prints its top-1 and top-5.
+"""
+import argparse
+import re
+import time
+
+import torch
+import torch.nn.functional as F
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+from data import build_dataset, build_loader, eval_transform, finetune_transform
+from training import (Run, RunError, add_common_args, adamw, append_log, check_finite, load_resume_checkpoint,
+                      lr_at, no_sync_unless, parse_args, prepare_log, run_main, save_checkpoint,
+                      seed_everything, set_lr)
+from vit import MODELS, load_pretrained
+
+STAGE = 'finetune'
+
+
+# --------------------------------------------------------------------------------------------------
+# The recipe's pieces: layer-wise lr decay, RandAugment spec, batch mixing
+# --------------------------------------------------------------------------------------------------
+def layer_decay_groups(model, weight_decay, layer_decay, no_decay=('pos_embed', 'cls_token')):
+    """Optimizer param groups for layer-wise lr decay (BEiT / MAE fine-tuning).
+
+    Layer ids: 0 = patch_embed, cls_token, pos_embed; k = blocks[k-1] (k = 1..depth);
+    depth + 1 = everything after the blocks (norm / fc_norm, head).
+    The lr of a parameter with layer id i is lr x layer_scale, layer_scale = layer_decay^(depth + 1 - i),
+    so the head trains at the full lr and the patch embedding at layer_decay^(depth + 1).
+    Weight decay applies to weight matrices only: not to 1-D parameters (biases, norms) nor to
+    pos_embed and cls_token. Each group carries its 'lr_scale', which training.set_lr multiplies in.
+    """
+    depth = len(model.blocks)
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith(('patch_embed.', 'cls_token', 'pos_embed')):
+            layer_id = 0
+        elif name.startswith('blocks.'):
+            layer_id = int(name.split('.')[1]) + 1
+        else:
+            layer_id = depth + 1
+        decays = p.ndim > 1 and name not in no_decay
+        key = (layer_id, decays)
+        if key not in groups:
+            groups[key] = {'params': [], 'weight_decay': weight_decay if decays else 0.0,
+                           'lr_scale': layer_decay ** (depth + 1 - layer_id)}
+        groups[key]['params'].append(p)
+    return [groups[key] for key in sorted(groups)]
+
+
+def parse_rand_aug(spec):
+    """timm's RandAugment spec -> (num_ops, magnitude, magnitude_std) for data.finetune_transform, or
+    None for 'none'. 'm10-mstd0.5' (the paper's 'rand-m10-mstd0.5-inc1') -> (2, 10, 0.5); 'n3-m9' ->
+    (3, 9, 0.0). The magnitude is drawn per image from N(m, mstd) and rounded to torchvision's integer
+    bins (see data.RandAugmentWithStd); 'inc1' is accepted as torchvision's ops already grow with it."""
+    if spec.lower() == 'none':
+        return None
+    match = re.fullmatch(r'(?:rand-)?(?:n(\d+)-)?m(\d+)(?:-mstd(\d+(?:\.\d*)?))?(?:-inc1)?', spec)
+    if not match or int(match[2]) > 10:
+        raise RunError(f"--rand-aug '{spec}': expected e.g. 'm10-mstd0.5' (2 ops, magnitude 0..10, "
+                       f"magnitude std), 'n3-m9', or 'none'")
+    return int(match[1] or 2), int(match[2]), float(match[3] or 0.0)
+
+
+def build_batch_mixing(mixup, cutmix, num_classes):
+    """MixUp (Beta(mixup, mixup) blend of image pairs) and CutMix (a box of the other image) on whole
+    batches: (imgs (B, 3, H, W), labels (B,)) -> (mixed imgs, soft targets (B, classes)) whose rows
+    sum to 1. With both on, each batch uses one of the two at equal odds (timm's switch prob 0.5).
+    None when both alphas are 0."""
+    mixes = []
+    if mixup > 0:
+        mixes.append(v2.MixUp(alpha=mixup, num_classes=num_classes))
+    if cutmix > 0:
+        mixes.append(v2.CutMix(alpha=cutmix, num_classes=num_classes))
+    if not mixes:
+        return None
+    return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training and evaluation
+# --------------------------------------------------------------------------------------------------
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser, epochs=300, warmup_epochs=5, batch_size=128, blr=1e-3, weight_decay=0.05,
+                    min_lr=1e-6)
+    g = parser.add_argument_group('fine-tuning')
+    g.add_argument('--eval-only', action='store_true',
+                   help='evaluate the fine-tuned checkpoint given by --init (with its head) and exit')
+    g.add_argument('--global-pool', action=argparse.BooleanOptionalAction, default=True,
+                   help='head on the mean patch token + fc_norm (paper: on); off: the cls token')
+    g.add_argument('--layer-decay', type=float, default=0.85,
+                   help='layer-wise lr decay (paper: 0.85 ViT-Tiny, 0.75 ViT-Small and transfer)')
+    g.add_argument('--drop-path', type=float, default=0.0,
+                   help='stochastic depth rate of the last block (paper: 0; MAE default: 0.1)')
+    g.add_argument('--optimizer', default='adamw', choices=['adamw', 'sgd'],
+                   help='adamw: betas (0.9, 0.999) (paper, ImageNet); sgd: momentum 0.9, Nesterov '
+                        '(paper, transfer)')
+    g.add_argument('--clip-grad', type=float, default=None,
+                   help='clip the gradient norm to this (paper: none on ImageNet, 1.0 for transfer)')
+
+    g = parser.add_argument_group('augmentation')
+    g.add_argument('--min-crop-scale', type=float, default=0.08,
+                   help='RandomResizedCrop scale lower bound (paper: 0.08)')
+    g.add_argument('--rand-aug', default='m10-mstd0.5',
+                   help="RandAugment as timm's spec: 2 ops, magnitude 10, magnitude std 0.5 (paper: "
+                        "'m10-mstd0.5'; MAE default: 'm9-mstd0.5'; transfer: 'none')")
+    g.add_argument('--reprob', type=float, default=0.0,
+                   help='random erasing probability (paper: 0; MAE default: 0.25)')
+    g.add_argument('--mixup', type=float, default=0.2, help='MixUp alpha, 0 = off (paper: 0.2; MAE: 0.8)')
+    g.add_argument('--cutmix', type=float, default=0.0, help='CutMix alpha, 0 = off (paper: 0; MAE: 1.0)')
+    g.add_argument('--smoothing', type=float, default=0.0, help='label smoothing (paper: 0; MAE: 0.1)')
+    return parser
+
+
+def train_one_epoch(model, loader, optimizer, batch_mixing, epoch, run, args):
+    """One pass over the loader with per-iteration lr, gradient accumulation and bf16 autocast."""
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    steps = len(loader)
+    loss_sum = torch.zeros((), device=run.device)
+    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not run.is_main, dynamic_ncols=True)
+    start = last_time = time.time()
+    last_step, lr = 0, 0.0
+    for step, (imgs, labels) in enumerate(bar):
+        if step % args.accum_iter == 0:
+            lr = lr_at(epoch + step / steps, run.lr, args.min_lr, args.warmup_epochs, args.epochs)
+            set_lr(optimizer, lr)
+        imgs = imgs.to(run.device, non_blocking=True)               # (B, 3, H, W)
+        targets = labels.to(run.device, non_blocking=True)          # (B,)
+        if batch_mixing is not None:
+            imgs, targets = batch_mixing(imgs, targets)             # targets (B, classes), soft
+        ends_accumulation = (step + 1) % args.accum_iter == 0
+        with no_sync_unless(model, ends_accumulation):
+            with run.autocast(args.amp):
+                logits = model(imgs)                                # (B, classes)
+            # cross_entropy smooths class indices and soft targets alike: t (1 - eps) + eps / classes
+            loss = F.cross_entropy(logits.float(), targets, label_smoothing=args.smoothing)
+            (loss / args.accum_iter).backward()
+        if ends_accumulation:
+            if args.clip_grad:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        loss_sum += loss.detach()
+
+        if (step + 1) % 20 == 0 or step + 1 == steps:              # the only host sync of the loop
+            mean_loss = loss_sum.item() / (step + 1)
+            check_finite(mean_loss, epoch, step, run.output_dir)
+            now = time.time()
+            img_per_s = (step - last_step + 1) * imgs.shape[0] * run.world_size / (now - last_time)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{img_per_s:.0f}")
+            last_step, last_time = step + 1, now
+    elapsed = time.time() - start
+    return {'loss': run.mean_over_processes(loss_sum.item() / steps), 'lr': lr,
+            'img_per_s': steps * args.batch_size * run.world_size / elapsed, 'epoch_time_s': elapsed}
+
+
+@torch.no_grad()
+def evaluate(model, loader, run, amp):
+    """Top-1 and top-5 accuracy (%) and mean cross-entropy on the validation set. Under DDP the counts
+    are summed over processes (the sampler pads each shard with a few repeated images, so a handful
+    may count twice)."""
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=run.device)  # top-1 hits, top-5 hits, loss, n
+    for imgs, labels in loader:
+        imgs = imgs.to(run.device, non_blocking=True)               # (B, 3, H, W)
+        labels = labels.to(run.device, non_blocking=True)           # (B,)
+        with run.autocast(amp):
+            logits = model(imgs).float()                            # (B, classes)
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, k), best first
+        hits = top5 == labels[:, None]                              # (B, k)
+        totals += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(),
+                               F.cross_entropy(logits, labels, reduction='sum'),
+                               torch.tensor(len(labels), device=run.device)]).double()
+    top1_hits, top5_hits, loss_sum, n = run.sum_over_processes(totals).tolist()
+    return {'top1': 100 * top1_hits / n, 'top5': 100 * top5_hits / n, 'loss': loss_sum / n}
+
+
+def load_init(model, path, eval_only, run):
+    """Load --init and say what was loaded and what starts fresh. Evaluating needs the head too."""
+    report = load_pretrained(model, path)
+    if run.is_main:
+        print(f"init from {path}: {len(report.loaded)} tensors loaded; "
+              f"new: {', '.join(report.new) or 'none'}; "
+              f"ignored: {', '.join(report.ignored) or 'none'}", flush=True)
+    if eval_only and report.new:
+        raise RunError(f"--eval-only needs a fine-tuned checkpoint with a head for "
+                       f"{model.num_classes} classes, but {path} lacks {', '.join(report.new)}: "
+                       f"fine-tune it first, or pass --no-global-pool / --global-pool as it was trained")
+
+
+def main(argv=None):
+    args = parse_args(build_parser(), argv)
+    rand_aug = parse_rand_aug(args.rand_aug)
+    if not 0 < args.layer_decay <= 1:
+        raise RunError(f"--layer-decay must be in (0, 1], got {args.layer_decay}")
+    if args.eval_only and not args.init:
+        raise RunError("--eval-only evaluates the weights given by --init: pass a fine-tuned checkpoint")
+    run = Run(args)
+    seed_everything(args.seed)
+
+    # data ------------------------------------------------------------------------------------------
+    val_set, num_classes = build_dataset(args.data, args.data_root, train=False,
+                                         transform=eval_transform(args.img_size), synthetic_size=args.img_size)
+    val_loader = build_loader(val_set, args.batch_size, train=False, num_workers=args.num_workers,
+                              device=run.device, rank=run.rank, world_size=run.world_size)
+
+    # model -----------------------------------------------------------------------------------------
+    model = MODELS[args.model](img_size=args.img_size, patch_size=args.patch_size, num_classes=num_classes,
+                               global_pool=args.global_pool, drop_path_rate=args.drop_path).to(run.device)
+    if args.init and not args.resume:
+        load_init(model, args.init, args.eval_only, run)
+    elif not args.resume and run.is_main:
+        print("no --init: training from scratch (the supervised baseline)", flush=True)
+
+    if args.eval_only:
+        run.announce(model, f" | eval only, {len(val_set)} images")
+        stats = evaluate(run.wrap(model, args.compile), val_loader, run, args.amp)
+        if run.is_main:
+            print(f"eval {args.init}: top-1 {stats['top1']:.2f}% top-5 {stats['top5']:.2f}% "
+                  f"loss {stats['loss']:.4f} on {len(val_set)} images", flush=True)
+        run.close()
+        return
+
+    train_set, train_classes = build_dataset(
+        args.data, args.data_root, train=True, synthetic_size=args.img_size, subset=args.subset,
+        transform=finetune_transform(args.img_size, args.min_crop_scale, rand_aug, args.reprob))
+    if train_classes != num_classes:
+        raise RunError(f"--data {args.data}: {train_classes} classes in train but {num_classes} in val")
+    loader = build_loader(train_set, args.batch_size, train=True, num_workers=args.num_workers,
+                          device=run.device, seed=args.seed, rank=run.rank, world_size=run.world_size)
+    batch_mixing = build_batch_mixing(args.mixup, args.cutmix, num_classes)
+
+    # optimizer -------------------------------------------------------------------------------------
+    groups = layer_decay_groups(model, args.weight_decay, args.layer_decay)
+    if args.optimizer == 'adamw':
+        optimizer = adamw(groups, run.lr, (0.9, 0.999), run.device)
+    else:   # the transfer recipe
+        optimizer = torch.optim.SGD(groups, lr=run.lr, momentum=0.9, nesterov=True)
+    start_epoch, best_top1 = 0, 0.0
+    if args.resume:
+        ckpt = load_resume_checkpoint(args.resume, STAGE)
+        model.load_state_dict(ckpt['model'])
+        optimizer.load_state_dict(ckpt['optimizer'])
+        start_epoch, best_top1 = ckpt['epoch'] + 1, ckpt['best_top1']
+    train_model = run.wrap(model, args.compile)
+    run.announce(model, f" | {len(train_set)} train / {len(val_set)} val images, "
+                        f"{num_classes} classes, {len(loader)} steps/epoch")
+    log = prepare_log(run.output_dir, start_epoch)
+
+    # the loop --------------------------------------------------------------------------------------
+    for epoch in range(start_epoch, args.epochs):
+        seed_everything(args.seed, epoch, run.rank)
+        loader.sampler.set_epoch(epoch)
+        stats = train_one_epoch(train_model, loader, optimizer, batch_mixing, epoch, run, args)
+        val = evaluate(train_model, val_loader, run, args.amp)
+        is_best = val['top1'] > best_top1
+        best_top1 = max(best_top1, val['top1'])
+        if run.is_main:
+            append_log(log, {'epoch': epoch, **stats, 'val_top1': val['top1'], 'val_top5': val['top5'],
+                             'val_loss': val['loss'], 'best_top1': best_top1})
+            state = dict(stage=STAGE, epoch=epoch, args=vars(args), model=model.state_dict(),
+                         optimizer=optimizer.state_dict(), top1=val['top1'], best_top1=best_top1)
+            save_checkpoint(run.output_dir / 'checkpoint.pth', **state)
+            if is_best:
+                save_checkpoint(run.output_dir / 'best.pth', **state)
+            print(f"epoch {epoch}: loss {stats['loss']:.4f}, val top-1 {val['top1']:.2f}% "
+                  f"top-5 {val['top5']:.2f}% loss {val['loss']:.4f} (best {best_top1:.2f}%), "
+                  f"{stats['img_per_s']:.0f} img/s", flush=True)
+    run.close()
+
+
+if __name__ == '__main__':
+    run_main(main)

@@ -1,0 +1,314 @@
+"""D-MAE: MAE pre-training of a small ViT with attention distillation from a bigger MAE teacher.
+
+The paper's method (Wang et al. 2023, "D-MAE"), on top of pretrain_mae.py's `MAE`:
+  1. mask:    the student's random masking picks the visible 25% of the patches
+  2. student: MAE as usual (encoder on the visible patches, decoder, loss on the masked patches),
+              keeping the last block's attention logits q.k^T * scale, before the softmax
+  3. teacher: a frozen, pre-trained MAE encoder (MAE-Base in the paper) runs without gradients on the
+              SAME visible patches of the same images, and gives its own attention logits
+  4. loss:    MAE loss + alpha * MSE(Conv1x1_heads(student logits), teacher logits)
+
+Only the student and the 1x1 head adapter train. The checkpoint's `model` is the student MAE's state
+dict (so finetune.py / linear_probe.py read it like any MAE checkpoint); the adapter sits apart under
+`adapter`, and the teacher is not saved (`--teacher` names it).
+
+Layer mapping (`--distill-layers`, `--distill-hidden`): each entry is 'S:T' (student index S against
+teacher index T) or a single 'S', which takes the teacher index at the same relative depth; negative
+indices count from the end. With equal depths (ViT-Tiny and ViT-Base both have 12 blocks) 'S' is S.
+
+Run `python pretrain_distill.py --help` for the flags; `--config configs/dmae_tiny_imagenet.yaml` is
+the paper's recipe, `configs/dmae_tiny_fashion_mnist_quick.yaml` a CPU one (its header says how to
+get the teacher).
+"""
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data import build_dataset, build_loader, eval_transform, pretrain_transform
+from pretrain_mae import MAE, MAES, build_parser as build_mae_parser, save_reconstruction_figure
+from training import (Run, RunError, adamw, append_log, check_finite, load_resume_checkpoint, lr_at,
+                      no_sync_unless, parse_args, prepare_log, run_main, save_checkpoint, seed_everything,
+                      set_lr, weight_decay_groups)
+from vit import MODELS, CheckpointError, VisionTransformer, load_pretrained
+
+STAGE = 'pretrain_distill'
+
+
+# --------------------------------------------------------------------------------------------------
+# The losses: one function per kind of target
+# --------------------------------------------------------------------------------------------------
+def attention_distillation_loss(student_logits, teacher_logits, head_adapter):
+    """D-MAE's attention loss for one layer: the student's pre-softmax attention logits, mixed over
+    heads by a 1x1 convolution W (teacher heads x student heads, no bias), against the teacher's:
+
+        mean_{b, t, i, j} ( sum_s W[t, s] * A_student[b, s, i, j] - A_teacher[b, t, i, j] )^2
+
+    with A = q k^T / sqrt(head_dim) of shape (B, heads, N, N), N = 1 + visible patches."""
+    mapped = head_adapter(student_logits)                          # (B, teacher heads, N, N)
+    return F.mse_loss(mapped.float(), teacher_logits.float())
+
+
+def hidden_distillation_loss(student_hidden, teacher_hidden, dim_adapter):
+    """The optional hidden-state loss: mean_{b, n, d} (W x_student - x_teacher)^2 over all tokens
+    (cls included), W a Linear(student dim -> teacher dim) without bias; x of shape (B, N, D)."""
+    return F.mse_loss(dim_adapter(student_hidden).float(), teacher_hidden.float())
+
+
+# --------------------------------------------------------------------------------------------------
+# The model: student MAE + frozen teacher encoder + adapters, one module so DDP/compile wrap it whole
+# --------------------------------------------------------------------------------------------------
+class DistilledMAE(nn.Module):
+    """An MAE student distilled from a frozen teacher encoder during pre-training.
+
+    attn_pairs:   [(student block, teacher block)] whose pre-softmax attention logits are matched;
+    hidden_pairs: [(student layer, teacher layer)] whose hidden states are matched, layer i < depth
+                  being blocks[i].norm1's output and layer depth the final norm's output.
+    forward(imgs, mask_ratio, noise) returns a dict of scalar losses: `loss` (to minimise),
+    `mae_loss`, `attn_loss`, `hidden_loss` (when hidden_pairs), `distill_loss` = attn + hidden."""
+
+    def __init__(self, student: MAE, teacher: VisionTransformer, attn_pairs, hidden_pairs=(), alpha=1.0):
+        super().__init__()
+        if student.patch_embed.patch_size != teacher.patch_embed.patch_size or \
+                student.patch_embed.grid_size != teacher.patch_embed.grid_size:
+            # the teacher must see exactly the student's visible patches, so the grids must agree
+            raise ValueError(
+                f"the teacher's patch grid ({teacher.patch_embed.grid_size}x{teacher.patch_embed.grid_size} "
+                f"of {teacher.patch_embed.patch_size}px) differs from the student's "
+                f"({student.patch_embed.grid_size}x{student.patch_embed.grid_size} of "
+                f"{student.patch_embed.patch_size}px); build the teacher at the student's size")
+        self.student, self.teacher, self.alpha = student, teacher, alpha
+        self.teacher.requires_grad_(False)
+        self.teacher.eval()
+        self.attn_pairs, self.hidden_pairs = list(attn_pairs), list(hidden_pairs)
+        self.adapters = nn.ModuleDict({
+            'attn': nn.ModuleDict({f'{s}_{t}': nn.Conv2d(student.num_heads, teacher.num_heads, 1, bias=False)
+                                   for s, t in self.attn_pairs}),
+            'hidden': nn.ModuleDict({f'{s}_{t}': nn.Linear(student.embed_dim, teacher.embed_dim, bias=False)
+                                     for s, t in self.hidden_pairs}),
+        })
+
+    def train(self, mode=True):
+        """The teacher stays in eval mode whatever the student does."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def forward(self, imgs, mask_ratio=0.75, noise=None):
+        """imgs (B, C, H, W) -> dict of scalar losses; `noise` (B, L) fixes the masking as in MAE."""
+        student, want_hidden = self.student, bool(self.hidden_pairs)
+        visible_idx, mask, restore_idx = student.random_masking(imgs.shape[0], mask_ratio, noise)
+        encoded = student.encode(imgs, visible_idx, attn_layers={s for s, _ in self.attn_pairs},
+                                 return_layers=want_hidden)          # tokens (B, 1 + N_visible, D)
+        pred = student.forward_decoder(encoded.tokens, restore_idx)  # (B, L, p*p*C)
+        losses = {'mae_loss': student.forward_loss(imgs, pred, mask)}
+
+        # no autograd for the teacher; under the loop's bf16 autocast (--amp) it runs in bf16 too
+        with torch.no_grad():
+            target = self.teacher.encode(imgs, visible_idx, attn_layers={t for _, t in self.attn_pairs},
+                                         return_layers=want_hidden)
+        losses['attn_loss'] = torch.stack([
+            attention_distillation_loss(encoded.attn_logits[s], target.attn_logits[t],
+                                        self.adapters['attn'][f'{s}_{t}'])
+            for s, t in self.attn_pairs]).mean()
+        losses['distill_loss'] = losses['attn_loss']
+        if want_hidden:
+            losses['hidden_loss'] = torch.stack([
+                hidden_distillation_loss(encoded.layers[s], target.layers[t],
+                                         self.adapters['hidden'][f'{s}_{t}'])
+                for s, t in self.hidden_pairs]).mean()
+            losses['distill_loss'] = losses['attn_loss'] + losses['hidden_loss']
+        losses['loss'] = losses['mae_loss'] + self.alpha * losses['distill_loss']
+        return losses
+
+
+def layer_pairs(spec, student_depth, teacher_depth, hidden=False):
+    """Parse '-1' / '11' / '5:10,11:23' into [(student index, teacher index)].
+
+    Blocks (hidden=False) are 0..depth-1; a single S maps to teacher block round((S+1) T / S_depth) - 1,
+    i.e. the block that ends the same share of the depth (the last to the last).
+    Hidden layers (hidden=True) are 0..depth (depth = final norm); a single S maps to round(S T / S_depth),
+    the layer after the same share of the blocks (0 to 0, final to final)."""
+    count_s, count_t = (student_depth + 1, teacher_depth + 1) if hidden else (student_depth, teacher_depth)
+    flag = '--distill-hidden' if hidden else '--distill-layers'
+
+    def index(text, count, whose):
+        try:
+            i = int(text)
+        except ValueError:
+            raise RunError(f"{flag} {spec}: '{text}' is not an integer; use e.g. '-1' or '11:11'") from None
+        if not -count <= i < count:
+            raise RunError(f"{flag} {spec}: {whose} index {i} is out of range for {count} "
+                           f"{'layers (0..depth)' if hidden else 'blocks'}")
+        return i % count
+
+    pairs = []
+    for item in str(spec).replace(' ', '').split(','):
+        if not item:
+            continue
+        s_text, colon, t_text = item.partition(':')
+        s = index(s_text, count_s, 'student')
+        if colon:
+            t = index(t_text, count_t, 'teacher')
+        elif hidden:
+            t = round(s * teacher_depth / student_depth)
+        else:
+            t = round((s + 1) * teacher_depth / student_depth) - 1
+        pairs.append((s, t))
+    return list(dict.fromkeys(pairs))          # drop repeats, keep order
+
+
+def build_teacher(name, path, img_size, patch_size):
+    """The frozen teacher encoder: `name` built at the student's image and patch size (so both cut the
+    same patches), with the encoder weights of the MAE checkpoint at `path` (ours, official MAE or
+    MAE-Lite; the decoder is dropped). A checkpoint of another size or patch size is refused."""
+    teacher = MODELS[name](img_size=img_size, patch_size=patch_size, num_classes=0, global_pool=False)
+    try:
+        load_pretrained(teacher, path, allow_new=())
+    except CheckpointError as e:
+        raise CheckpointError(f"--teacher: {e} (the teacher is --teacher-model {name} at the student's "
+                              f"--patch-size {patch_size}; both must match the checkpoint)") from None
+    return teacher
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+def build_parser():
+    parser = build_mae_parser()               # every MAE flag, with the same paper defaults
+    parser.description = __doc__
+    g = parser.add_argument_group('D-MAE')
+    g.add_argument('--teacher', help='pre-trained MAE checkpoint of the teacher (required; paper: '
+                                     'MAE-Base 1600 epochs, official file; its decoder is ignored)')
+    g.add_argument('--teacher-model', default='vit_base', choices=sorted(MODELS),
+                   help='teacher encoder size (paper: vit_base)')
+    g.add_argument('--alpha', type=float, default=1.0, help='weight of the distillation loss (paper: 1.0)')
+    g.add_argument('--distill-layers', default='-1',
+                   help="student blocks whose pre-softmax attention is distilled, comma-separated; each "
+                        "'S:T' (teacher block T) or 'S' (teacher block at the same relative depth); "
+                        "negative counts from the end (paper: -1, the last block)")
+    g.add_argument('--distill-hidden', default='',
+                   help="hidden states to distil as well, same syntax; index i < depth is blocks[i].norm1's "
+                        "output, depth the final norm's (paper: off)")
+    return parser
+
+
+def train_one_epoch(model, loader, optimizer, epoch, run, args):
+    """pretrain_mae's loop, summing every loss the model returns (MAE and distillation)."""
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    steps = len(loader)
+    sums = None
+    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not run.is_main, dynamic_ncols=True)
+    start = last_time = time.time()
+    last_step, lr = 0, 0.0
+    for step, (imgs, _) in enumerate(bar):
+        if step % args.accum_iter == 0:
+            lr = lr_at(epoch + step / steps, run.lr, args.min_lr, args.warmup_epochs, args.epochs)
+            set_lr(optimizer, lr)
+        imgs = imgs.to(run.device, non_blocking=True)               # (B, 3, H, W)
+        ends_accumulation = (step + 1) % args.accum_iter == 0
+        with no_sync_unless(model, ends_accumulation):
+            with run.autocast(args.amp):
+                losses = model(imgs, mask_ratio=args.mask_ratio)
+            (losses['loss'] / args.accum_iter).backward()
+        if ends_accumulation:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if sums is None:
+            sums = {k: torch.zeros((), device=run.device) for k in losses}
+        for k, v in losses.items():
+            sums[k] += v.detach()
+
+        if (step + 1) % 20 == 0 or step + 1 == steps:              # the only host sync of the loop
+            means = {k: v.item() / (step + 1) for k, v in sums.items()}
+            check_finite(means['loss'], epoch, step, run.output_dir)
+            now = time.time()
+            img_per_s = (step - last_step + 1) * imgs.shape[0] * run.world_size / (now - last_time)
+            bar.set_postfix(mae=f"{means['mae_loss']:.4f}", distill=f"{means['distill_loss']:.4f}",
+                            lr=f"{lr:.2e}", img_s=f"{img_per_s:.0f}")
+            last_step, last_time = step + 1, now
+    elapsed = time.time() - start
+    return {**{k: run.mean_over_processes(v.item() / steps) for k, v in sums.items()}, 'lr': lr,
+            'img_per_s': steps * args.batch_size * run.world_size / elapsed, 'epoch_time_s': elapsed}
+
+
+def main(argv=None):
+    args = parse_args(build_parser(), argv)
+    if not args.teacher:
+        raise RunError("--teacher CKPT is required: a pre-trained MAE checkpoint (e.g. from pretrain_mae.py, "
+                       "or the official MAE-Base), with --teacher-model its size")
+    if not 0 < args.mask_ratio < 1:
+        raise RunError(f"--mask-ratio must be in (0, 1), got {args.mask_ratio}")
+    run = Run(args)
+    seed_everything(args.seed)
+
+    # data ------------------------------------------------------------------------------------------
+    dataset, _ = build_dataset(args.data, args.data_root, train=True,
+                               transform=pretrain_transform(args.img_size, args.min_crop_scale),
+                               synthetic_size=args.img_size, subset=args.subset)
+    loader = build_loader(dataset, args.batch_size, train=True, num_workers=args.num_workers,
+                          device=run.device, seed=args.seed, rank=run.rank, world_size=run.world_size)
+    shown, _ = build_dataset(args.data, args.data_root, train=False,
+                             transform=eval_transform(args.img_size), synthetic_size=args.img_size)
+    shown_imgs = torch.stack([shown[i][0] for i in range(min(6, len(shown)))])  # (6, 3, H, W)
+
+    # model: student, teacher, adapters -------------------------------------------------------------
+    student = MAES[args.model](img_size=args.img_size, patch_size=args.patch_size,
+                               norm_pix_loss=args.norm_pix_loss)
+    if args.init:
+        report = load_pretrained(student, args.init, allow_new=('decoder', 'mask_token'))
+        if run.is_main:
+            print(f"init from {args.init}: {len(report.loaded)} tensors loaded, new: "
+                  f"{', '.join(sorted({k.split('.')[0] for k in report.new})) or 'none'}")
+    teacher = build_teacher(args.teacher_model, args.teacher, args.img_size, args.patch_size)
+    attn_pairs = layer_pairs(args.distill_layers, student.depth, teacher.depth)
+    hidden_pairs = layer_pairs(args.distill_hidden, student.depth, teacher.depth, hidden=True)
+    if not attn_pairs:
+        raise RunError("--distill-layers is empty: D-MAE distils at least one block's attention (paper: -1)")
+    model = DistilledMAE(student, teacher, attn_pairs, hidden_pairs, args.alpha).to(run.device)
+
+    # optimizer: student and adapters (the frozen teacher and pos-embeds are left out) ----------------
+    optimizer = adamw(weight_decay_groups(model, args.weight_decay), run.lr, (0.9, 0.95), run.device)
+    start_epoch = 0
+    if args.resume:
+        ckpt = load_resume_checkpoint(args.resume, STAGE)
+        model.student.load_state_dict(ckpt['model'])
+        try:
+            model.adapters.load_state_dict(ckpt['adapter'])
+        except RuntimeError:
+            raise RunError(f"--resume {args.resume} was distilled at other layers than --distill-layers "
+                           f"{args.distill_layers} / --distill-hidden '{args.distill_hidden}'; keep its "
+                           f"layers") from None
+        optimizer.load_state_dict(ckpt['optimizer'])
+        start_epoch = ckpt['epoch'] + 1
+    train_model = run.wrap(model, args.compile)
+    teacher_params = sum(p.numel() for p in teacher.parameters())
+    run.announce(model, f" | teacher {args.teacher_model} ({teacher_params / 1e6:.1f}M, frozen) "
+                        f"{args.teacher} | attention pairs (student, teacher) {attn_pairs}"
+                        f"{f' | hidden pairs {hidden_pairs}' if hidden_pairs else ''}"
+                        f" | {len(dataset)} images, {len(loader)} steps/epoch")
+    log = prepare_log(run.output_dir, start_epoch)
+
+    # the loop --------------------------------------------------------------------------------------
+    for epoch in range(start_epoch, args.epochs):
+        seed_everything(args.seed, epoch, run.rank)
+        loader.sampler.set_epoch(epoch)
+        stats = train_one_epoch(train_model, loader, optimizer, epoch, run, args)
+        if run.is_main:
+            append_log(log, {'epoch': epoch, **stats})
+            save_checkpoint(run.output_dir / 'checkpoint.pth', stage=STAGE, epoch=epoch, args=vars(args),
+                            model=model.student.state_dict(), adapter=model.adapters.state_dict(),
+                            optimizer=optimizer.state_dict())
+            save_reconstruction_figure(model.student, shown_imgs, run.output_dir / 'reconstruction.png',
+                                       f"D-MAE {args.model} from {args.teacher_model}, epoch {epoch}, "
+                                       f"MAE loss {stats['mae_loss']:.3f}", args.mask_ratio)
+            print(f"epoch {epoch}: MAE loss {stats['mae_loss']:.4f}, distill loss {stats['distill_loss']:.4f}, "
+                  f"{stats['img_per_s']:.0f} img/s, checkpoint {run.output_dir / 'checkpoint.pth'}", flush=True)
+    run.close()
+
+
+if __name__ == '__main__':
+    run_main(main)

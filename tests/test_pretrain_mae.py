@@ -1,0 +1,223 @@
+"""pretrain_mae.py: the MAE model's pieces, and the training script as a user runs it."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from einops import rearrange
+
+from conftest import ROOT, run_script
+from pretrain_mae import MAE, mae_tiny
+from training import weight_decay_groups
+
+
+def small_mae(**kwargs):
+    return mae_tiny(img_size=16, patch_size=4, **kwargs)            # 16 patches of 4 x 4 x 3
+
+
+def read_log(folder):
+    return [json.loads(line) for line in (folder / 'log.jsonl').read_text().splitlines()]
+
+
+# -- the model -----------------------------------------------------------------------------------
+def test_state_dict_has_the_official_mae_names():
+    keys = set(small_mae().state_dict())
+    decoder = {'decoder_embed.weight', 'decoder_embed.bias', 'mask_token', 'decoder_pos_embed',
+               'decoder_norm.weight', 'decoder_norm.bias', 'decoder_pred.weight', 'decoder_pred.bias',
+               'decoder_blocks.0.attn.qkv.weight', 'decoder_blocks.0.mlp.fc2.bias'}
+    encoder = {'cls_token', 'pos_embed', 'patch_embed.proj.weight', 'blocks.11.attn.proj.weight',
+               'norm.weight'}
+    assert decoder | encoder <= keys
+    assert not any(k.startswith(('head', 'fc_norm', 'decoder_blocks.1.')) for k in keys)
+
+
+def test_patchify_matches_the_official_layout_and_inverts():
+    model = small_mae()
+    imgs = torch.randn(2, 3, 16, 16)
+    official = torch.einsum('nchpwq->nhwpqc', imgs.reshape(2, 3, 4, 4, 4, 4)).reshape(2, 16, 48)
+    torch.testing.assert_close(model.patchify(imgs), official)
+    torch.testing.assert_close(model.unpatchify(model.patchify(imgs)), imgs)
+
+
+def test_masking_keeps_the_lowest_noise_patches():
+    model = small_mae()
+    noise = torch.rand(3, 16)
+    visible_idx, mask, restore_idx = model.random_masking(3, 0.75, noise)
+    assert visible_idx.shape == (3, 4)
+    assert torch.equal(visible_idx.sort(1).values, noise.argsort(1)[:, :4].sort(1).values)
+    assert torch.equal(mask.sum(1), torch.full((3,), 12.0))           # 12 of 16 masked
+    assert (mask.gather(1, visible_idx) == 0).all()                   # visible = not masked
+    shuffled = noise.argsort(1)
+    assert torch.equal(shuffled.gather(1, restore_idx), torch.arange(16).expand(3, -1))
+
+
+def test_same_noise_gives_the_same_loss_and_mask():
+    torch.manual_seed(0)
+    model = small_mae()
+    imgs, noise = torch.randn(2, 3, 16, 16), torch.rand(2, 16)
+    loss_a, pred_a, mask_a = model(imgs, 0.75, noise)
+    loss_b, pred_b, mask_b = model(imgs, 0.75, noise)
+    assert loss_a == loss_b and torch.equal(mask_a, mask_b) and pred_a.shape == (2, 16, 48)
+
+
+def test_loss_counts_masked_patches_only():
+    model = small_mae(norm_pix_loss=False)
+    imgs = torch.randn(2, 3, 16, 16)
+    target = model.patchify(imgs)                                    # (2, 16, 48)
+    mask = torch.zeros(2, 16)
+    mask[:, :5] = 1
+    pred = target.clone()
+    pred[:, 5:] += 100.0                                             # wrong only where visible
+    assert model.forward_loss(imgs, pred, mask) == 0
+    pred = target + 1.0                                              # off by one everywhere
+    torch.testing.assert_close(model.forward_loss(imgs, pred, mask), torch.tensor(1.0))
+
+
+def test_norm_pix_loss_normalises_each_patch_with_unbiased_variance():
+    model = mae_tiny(img_size=4, patch_size=2, norm_pix_loss=True)   # 4 patches of 12 values
+    imgs = torch.zeros(1, 3, 4, 4)
+    imgs[0, 0, 0, 0] = 12.0                        # patch 0: one 12 among 12 values: mean 1
+    var = (11 ** 2 + 11 * 1) / 11                  # unbiased: (121 + 11 * 1) / (12 - 1) = 12
+    expected = torch.full((12,), (0 - 1) / (var + 1e-6) ** 0.5)
+    expected[0] = (12 - 1) / (var + 1e-6) ** 0.5   # the 12 sits at (row 0, col 0, channel 0)
+    torch.testing.assert_close(model.patch_targets(imgs)[0, 0], expected)
+    mask = torch.tensor([[1.0, 0, 0, 0]])
+    torch.testing.assert_close(model.forward_loss(imgs, torch.zeros(1, 4, 12), mask),
+                               (expected ** 2).mean())
+
+
+def test_pos_embeds_are_fixed_and_tokens_are_decayed():
+    model = small_mae()
+    assert not model.pos_embed.requires_grad and not model.decoder_pos_embed.requires_grad
+    decay, no_decay = weight_decay_groups(model, 0.05)
+    ids = lambda group: {id(p) for p in group['params']}
+    assert id(model.cls_token) in ids(decay) and id(model.mask_token) in ids(decay)
+    assert id(model.blocks[0].attn.qkv.bias) in ids(no_decay) and id(model.norm.weight) in ids(no_decay)
+    assert id(model.pos_embed) not in ids(decay) | ids(no_decay)
+
+
+def test_official_initialisation():
+    model = mae_tiny(img_size=32, patch_size=16)
+    w = model.blocks[0].attn.qkv.weight                              # xavier-uniform bound sqrt(6/(fan_in+fan_out))
+    assert w.abs().max() <= (6 / (192 + 576)) ** 0.5 and w.abs().max() > 0.9 * (6 / (192 + 576)) ** 0.5
+    assert 0.015 < model.cls_token.std() < 0.025 and model.blocks[0].attn.qkv.bias.abs().sum() == 0
+
+
+# -- the script ----------------------------------------------------------------------------------
+QUICK = ['--data', 'fashion_mnist', '--img-size', '16', '--patch-size', '4', '--batch-size', '64',
+         '--subset', '1024', '--num-workers', '0', '--warmup-epochs', '1', '--blr', '1e-3']
+
+
+def test_a_short_real_run_lowers_the_loss_and_writes_its_outputs(fashion_root, tmp_path):
+    out = tmp_path / 'run'
+    result = run_script('pretrain_mae.py', *QUICK, '--data-root', fashion_root, '--epochs', '4',
+                        '--output-dir', out)
+    assert result.returncode == 0, result.stderr
+    assert 'effective batch 64' in result.stdout and 'device cpu' in result.stdout
+    losses = [line['loss'] for line in read_log(out)]
+    assert [line['epoch'] for line in read_log(out)] == [0, 1, 2, 3]
+    assert losses[-1] < 0.9 * losses[0], losses
+    assert (out / 'reconstruction.png').stat().st_size > 10_000 and (out / 'config.yaml').exists()
+    ckpt = torch.load(out / 'checkpoint.pth', weights_only=True)
+    assert ckpt['epoch'] == 3 and ckpt['stage'] == 'pretrain_mae'
+    small_mae().load_state_dict(ckpt['model'], strict=True)
+
+
+def test_a_run_killed_at_any_moment_resumes_to_the_same_losses(fashion_root, tmp_path):
+    args = [*QUICK, '--data-root', fashion_root, '--epochs', '3', '--subset', '512']
+    whole, broken = tmp_path / 'whole', tmp_path / 'broken'
+    assert run_script('pretrain_mae.py', *args, '--output-dir', whole).returncode == 0
+
+    process = subprocess.Popen([sys.executable, str(ROOT / 'pretrain_mae.py'), *map(str, args),
+                                '--output-dir', str(broken)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (broken / 'checkpoint.pth').exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)                                                 # somewhere inside epoch 1
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    resumed = run_script('pretrain_mae.py', '--resume', broken / 'checkpoint.pth')
+    assert resumed.returncode == 0, resumed.stderr
+    assert read_log(broken) == [{**line, 'img_per_s': b['img_per_s'], 'epoch_time_s': b['epoch_time_s']}
+                                for line, b in zip(read_log(whole), read_log(broken))]
+    assert [line['loss'] for line in read_log(broken)] == [line['loss'] for line in read_log(whole)]
+
+
+def test_ddp_with_two_cpu_processes(fashion_root, tmp_path):
+    out = tmp_path / 'ddp'
+    result = subprocess.run(
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+         str(ROOT / 'pretrain_mae.py'), *map(str, QUICK), '--data-root', str(fashion_root),
+         '--epochs', '2', '--batch-size', '32', '--output-dir', str(out)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'x 2' in result.stdout and 'effective batch 64' in result.stdout
+    assert result.stdout.count('effective batch') == 1              # only rank 0 speaks
+    log = read_log(out)
+    assert [line['epoch'] for line in log] == [0, 1] and log[1]['loss'] < log[0]['loss']
+
+
+# -- bad input: one line, exit code 2, nothing written is lost ----------------------------------
+def assert_one_line_error(result, *fragments):
+    """Exit code 2, no traceback, and one line 'error: ...' last on stderr (after any progress bar)."""
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith('error: ')]
+    assert 'Traceback' not in result.stderr and errors == lines[-1:], result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+def test_image_size_not_divisible_by_patch(tmp_path):
+    result = run_script('pretrain_mae.py', '--data', 'synthetic', '--img-size', '30',
+                        '--patch-size', '4', '--output-dir', tmp_path)
+    assert_one_line_error(result, 'not divisible', '--img-size 32')
+
+
+def test_missing_data_folder(tmp_path):
+    result = run_script('pretrain_mae.py', '--data', tmp_path / 'imagenet', '--output-dir', tmp_path)
+    assert_one_line_error(result, 'neither a known name')
+
+
+def test_corrupt_image_in_the_training_folder(fashion_folder, tmp_path):
+    folder = tmp_path / 'data'
+    for split in ('train', 'val'):
+        (folder / split / 'a').mkdir(parents=True)
+        for i, src in enumerate(sorted((fashion_folder / split).glob('*/*.png'))[:8]):
+            (folder / split / 'a' / f'{i}.png').write_bytes(src.read_bytes())
+    bad = folder / 'train' / 'a' / '3.png'
+    bad.write_bytes(bad.read_bytes()[:40])                          # truncated PNG
+    for workers in ('0', '2'):
+        result = run_script('pretrain_mae.py', '--data', folder, '--img-size', '16', '--patch-size',
+                            '4', '--batch-size', '4', '--epochs', '1', '--num-workers', workers,
+                            '--output-dir', tmp_path / 'out')
+        assert_one_line_error(result, f'cannot read image {bad}')
+
+
+def test_junk_and_wrong_checkpoints(tmp_path):
+    junk = tmp_path / 'junk.pth'
+    junk.write_text('not a checkpoint')
+    base = ['--data', 'synthetic', '--img-size', '16', '--patch-size', '4', '--output-dir', tmp_path]
+    assert_one_line_error(run_script('pretrain_mae.py', *base, '--resume', junk), 'not a readable')
+    assert_one_line_error(run_script('pretrain_mae.py', *base, '--init', junk), 'not a readable')
+    torch.save({'model': mae_tiny(img_size=16, patch_size=8).state_dict()}, tmp_path / 'p8.pth')
+    assert_one_line_error(run_script('pretrain_mae.py', *base, '--init', tmp_path / 'p8.pth'),
+                          'does not fit', 'patch_embed.proj.weight')
+    assert_one_line_error(run_script('pretrain_mae.py', *base, '--resume', tmp_path / 'p8.pth'),
+                          'not a checkpoint written by these scripts')
+
+
+def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(fashion_root, tmp_path):
+    out = tmp_path / 'run'
+    assert run_script('pretrain_mae.py', *QUICK, '--data-root', fashion_root, '--subset', '256',
+                      '--epochs', '1', '--output-dir', out).returncode == 0
+    before = (out / 'checkpoint.pth').read_bytes(), (out / 'log.jsonl').read_text()
+    result = run_script('pretrain_mae.py', '--resume', out / 'checkpoint.pth', '--epochs', '3',
+                        '--lr', '1e30', '--warmup-epochs', '0')
+    assert_one_line_error(result, 'training diverged', 'intact')
+    assert ((out / 'checkpoint.pth').read_bytes(), (out / 'log.jsonl').read_text()) == before
