@@ -5,10 +5,12 @@ path of a folder in ImageNet layout: DIR/train/<class>/*.jpg and DIR/val/<class>
 whatever its size and mode (grayscale, RGBA, palette), becomes a 3-channel tensor of --img-size.
 """
 import gzip
+import math
 import shutil
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import datasets
@@ -120,6 +122,8 @@ class SyntheticImages(Dataset):
         return self.num_images
 
     def __getitem__(self, index):
+        if not 0 <= index < self.num_images:
+            raise IndexError(index)
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         label = index % self.num_classes
         img = torch.randint(0, 128, (self.size, self.size, 3), generator=gen, dtype=torch.uint8)
@@ -216,3 +220,80 @@ def build_loader(dataset, batch_size, train, num_workers, device, seed=0, rank=0
                                  seed=seed, drop_last=train)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       pin_memory=device.type == 'cuda', drop_last=train)
+
+
+# --------------------------------------------------------------------------------------------------
+# The in-memory path (--data-on-device): a small data set decoded once into a uint8 tensor on the
+# training device and augmented there in batches, so no per-image Python runs during training
+# --------------------------------------------------------------------------------------------------
+def decode_to_tensor(data, root, train, size, crop_pct=1.0, subset=0, device='cpu'):
+    """-> (images uint8 (N, 3, size, size) on device, labels (N,), num_classes). Each image is resized
+    (short side size / crop_pct, bicubic) and center-cropped; crop_pct=1 keeps the whole square image
+    for training, 0.875 gives the evaluation view."""
+    geometry = [v2.Resize(int(size / crop_pct), interpolation=BICUBIC, antialias=True), v2.CenterCrop(size)]
+    dataset, num_classes = build_dataset(data, root, train, transform=None, synthetic_size=size, subset=subset)
+    base, keep = (dataset.dataset, dataset.indices) if isinstance(dataset, Subset) else (dataset, None)
+    raw = getattr(base, 'data', None)
+    if isinstance(raw, torch.Tensor) or type(raw).__name__ == 'ndarray':   # MNIST / CIFAR: one array
+        images, labels = torch.as_tensor(raw), torch.as_tensor(base.targets)
+        if keep is not None:
+            images, labels = images[keep], labels[keep]
+        images = images[:, None] if images.ndim == 3 else images.permute(0, 3, 1, 2)   # (N, C, H, W)
+        images = v2.Compose(geometry)(images.expand(-1, 3, -1, -1).to(device))
+    else:                                                   # image files: decode one by one, once
+        to_tensor = v2.Compose([v2.RGB(), *geometry, v2.PILToTensor()])
+        pairs = [dataset[i] for i in range(len(dataset))]
+        pairs = [(to_tensor(img), label) for img, label in pairs]
+        images = torch.stack([img for img, _ in pairs]).to(device)
+        labels = torch.tensor([label for _, label in pairs])
+    return images.contiguous(), labels.to(device), num_classes
+
+
+def batched_resized_crop_flip(imgs, size, min_scale=0.08, ratio=(3 / 4, 4 / 3)):
+    """RandomResizedCrop + horizontal flip for a whole batch at once on its device: each image gets
+    its own crop box (area share ~ U(min_scale, 1), log aspect ratio ~ U(log 3/4, log 4/3)) and flip,
+    applied with one affine grid_sample (bicubic). Unlike torchvision, a box that does not fit is
+    clipped to the image instead of re-drawn. imgs (B, C, H, W) float -> (B, C, size, size)."""
+    B, device = imgs.shape[0], imgs.device
+    area = torch.empty(B, device=device).uniform_(min_scale, 1.0)
+    log_ratio = torch.empty(B, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1]))
+    width = (area * log_ratio.exp()).sqrt().clamp(max=1.0)     # shares of the image side
+    height = (area / log_ratio.exp()).sqrt().clamp(max=1.0)
+    center_x = (torch.rand(B, device=device) * 2 - 1) * (1 - width)    # in [-1, 1] grid units
+    center_y = (torch.rand(B, device=device) * 2 - 1) * (1 - height)
+    flip = torch.where(torch.rand(B, device=device) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(B, 2, 3, device=device)                # output grid -> input grid
+    theta[:, 0, 0], theta[:, 0, 2] = width * flip, center_x
+    theta[:, 1, 1], theta[:, 1, 2] = height, center_y
+    grid = F.affine_grid(theta, (B, imgs.shape[1], size, size), align_corners=False)
+    return F.grid_sample(imgs, grid, mode='bicubic', padding_mode='border', align_corners=False)
+
+
+class DeviceLoader:
+    """Batches of a decoded data set, sliced, augmented and normalised on its device. Behaves like
+    the DataLoader of `build_loader`: len(), iteration over (images, labels), sampler.set_epoch."""
+
+    def __init__(self, images, labels, batch_size, train, min_scale=0.08, seed=0, rank=0, world_size=1):
+        if train and len(images) < batch_size * world_size:
+            raise DataError(f"the training set has {len(images)} images, fewer than one batch of "
+                            f"{batch_size} x {world_size} processes: lower --batch-size")
+        self.images, self.labels, self.batch_size, self.train = images, labels, batch_size, train
+        self.min_scale = min_scale
+        self.sampler = DistributedSampler(range(len(images)), num_replicas=world_size, rank=rank,
+                                          shuffle=train, seed=seed, drop_last=train)
+        device = images.device
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+
+    def __len__(self):
+        n = len(self.sampler)
+        return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
+
+    def __iter__(self):
+        order = torch.tensor(list(self.sampler), device=self.images.device)
+        for step in range(len(self)):
+            idx = order[step * self.batch_size:(step + 1) * self.batch_size]
+            imgs = self.images[idx].float() / 255                           # (B, 3, S, S)
+            if self.train:
+                imgs = batched_resized_crop_flip(imgs, imgs.shape[-1], self.min_scale).clamp(0, 1)
+            yield (imgs - self.mean) / self.std, self.labels[idx]

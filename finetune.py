@@ -119,6 +119,9 @@ def build_parser():
                         '(paper, transfer)')
     g.add_argument('--clip-grad', type=float, default=None,
                    help='clip the gradient norm to this (paper: none on ImageNet, 1.0 for transfer)')
+    g.add_argument('--val-subset', type=int, default=0,
+                   help='evaluate on a fixed random sample of this many validation images (0: all), '
+                        'for quick runs')
 
     g = parser.add_argument_group('augmentation')
     g.add_argument('--min-crop-scale', type=float, default=0.08,
@@ -223,7 +226,8 @@ def main(argv=None):
 
     # data ------------------------------------------------------------------------------------------
     val_set, num_classes = build_dataset(args.data, args.data_root, train=False,
-                                         transform=eval_transform(args.img_size), synthetic_size=args.img_size)
+                                         transform=eval_transform(args.img_size), synthetic_size=args.img_size,
+                                         subset=args.val_subset)
     val_loader = build_loader(val_set, args.batch_size, train=False, num_workers=args.num_workers,
                               device=run.device, rank=run.rank, world_size=run.world_size)
 
@@ -283,9 +287,9 @@ def main(argv=None):
                              'val_loss': val['loss'], 'best_top1': best_top1})
             state = dict(stage=STAGE, epoch=epoch, args=vars(args), model=model.state_dict(),
                          optimizer=optimizer.state_dict(), top1=val['top1'], best_top1=best_top1)
-            save_checkpoint(run.output_dir / 'checkpoint.pth', **state)
-            if is_best:
+            if is_best:   # before the last checkpoint: a crash in between only repeats this epoch
                 save_checkpoint(run.output_dir / 'best.pth', **state)
+            save_checkpoint(run.output_dir / 'checkpoint.pth', **state)
             print(f"epoch {epoch}: loss {stats['loss']:.4f}, val top-1 {val['top1']:.2f}% "
                   f"top-5 {val['top5']:.2f}% loss {val['loss']:.4f} (best {best_top1:.2f}%), "
                   f"{stats['img_per_s']:.0f} img/s", flush=True)

@@ -21,7 +21,8 @@ import torch.nn as nn
 from einops import rearrange, repeat
 from tqdm import tqdm
 
-from data import IMAGENET_MEAN, IMAGENET_STD, build_dataset, build_loader, eval_transform, pretrain_transform
+from data import (IMAGENET_MEAN, IMAGENET_STD, DeviceLoader, build_dataset, build_loader, decode_to_tensor,
+                  eval_transform, pretrain_transform)
 from training import (Run, RunError, add_common_args, adamw, append_log, check_finite, load_resume_checkpoint,
                       lr_at, no_sync_unless, parse_args, prepare_log, run_main, save_checkpoint,
                       seed_everything, set_lr, weight_decay_groups)
@@ -296,11 +297,17 @@ def main(argv=None):
     seed_everything(args.seed)
 
     # data ------------------------------------------------------------------------------------------
-    dataset, _ = build_dataset(args.data, args.data_root, train=True,
-                               transform=pretrain_transform(args.img_size, args.min_crop_scale),
-                               synthetic_size=args.img_size, subset=args.subset)
-    loader = build_loader(dataset, args.batch_size, train=True, num_workers=args.num_workers,
-                          device=run.device, seed=args.seed, rank=run.rank, world_size=run.world_size)
+    if args.data_on_device:     # small data sets: decoded once, augmented in batches on the device
+        images, labels, _ = decode_to_tensor(args.data, args.data_root, True, args.img_size,
+                                             subset=args.subset, device=run.device)
+        loader = DeviceLoader(images, labels, args.batch_size, train=True, min_scale=args.min_crop_scale,
+                              seed=args.seed, rank=run.rank, world_size=run.world_size)
+    else:
+        dataset, _ = build_dataset(args.data, args.data_root, train=True,
+                                   transform=pretrain_transform(args.img_size, args.min_crop_scale),
+                                   synthetic_size=args.img_size, subset=args.subset)
+        loader = build_loader(dataset, args.batch_size, train=True, num_workers=args.num_workers,
+                              device=run.device, seed=args.seed, rank=run.rank, world_size=run.world_size)
     shown, _ = build_dataset(args.data, args.data_root, train=False,
                              transform=eval_transform(args.img_size), synthetic_size=args.img_size)
     shown_imgs = torch.stack([shown[i][0] for i in range(min(6, len(shown)))])  # (6, 3, H, W)
@@ -321,7 +328,7 @@ def main(argv=None):
         optimizer.load_state_dict(ckpt['optimizer'])
         start_epoch = ckpt['epoch'] + 1
     train_model = run.wrap(model, args.compile)
-    run.announce(model, f" | {len(dataset)} images, {len(loader)} steps/epoch")
+    run.announce(model, f" | {len(loader.sampler) * run.world_size} images, {len(loader)} steps/epoch")
     log = prepare_log(run.output_dir, start_epoch)
 
     # the loop --------------------------------------------------------------------------------------

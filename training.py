@@ -71,6 +71,9 @@ def add_common_args(parser, *, epochs, warmup_epochs, batch_size, blr, weight_de
     g.add_argument('--img-size', type=int, default=img_size, help=f'paper: {img_size}')
     g.add_argument('--patch-size', type=int, default=patch_size, help=f'paper: {patch_size}')
     g.add_argument('--num-workers', type=int, default=4, help='data loader processes per GPU')
+    g.add_argument('--data-on-device', action=argparse.BooleanOptionalAction, default=False,
+                   help='decode the training set once into a tensor on the device and augment whole '
+                        'batches there (RandomResizedCrop + flip): for data sets that fit in memory')
     g.add_argument('--subset', type=int, default=0,
                    help='train on a fixed random sample of this many images (0: all), for quick runs')
 

@@ -1,0 +1,195 @@
+"""analyze.py: the CKA and attention formulas against independent reference code, and each
+sub-command end to end on real images."""
+import argparse
+import csv
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from analyze import (attention_distance, attention_entropy, build_encoder, layer_features,
+                     main as analyze_main, minibatch_cka, patch_attention)
+from conftest import run_script
+from pretrain_mae import load_mae, mae_tiny
+from vit import VisionTransformer
+
+
+def reference_hsic1(K, L):
+    """HSIC1 written out with numpy, straight from Song et al. 2012."""
+    n = K.shape[0]
+    K, L = K.copy(), L.copy()
+    np.fill_diagonal(K, 0)
+    np.fill_diagonal(L, 0)
+    one = np.ones((n, 1))
+    value = (np.trace(K @ L) + (one.T @ K @ one).item() * (one.T @ L @ one).item() / ((n - 1) * (n - 2))
+             - 2 / (n - 2) * (one.T @ K @ L @ one).item())
+    return value / (n * (n - 3))
+
+
+def reference_cka(batches_x, batches_y):
+    """CKA of two single-layer feature sets from per-batch HSIC1 means."""
+    kl, kk, ll = [], [], []
+    for x, y in zip(batches_x, batches_y):
+        K, L = x @ x.T, y @ y.T
+        kl.append(reference_hsic1(K, L))
+        kk.append(reference_hsic1(K, K))
+        ll.append(reference_hsic1(L, L))
+    return np.mean(kl) / np.sqrt(np.mean(kk) * np.mean(ll))
+
+
+def small_vit(**kwargs):
+    return VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=4, num_classes=0,
+                             **kwargs).eval()
+
+
+# -- CKA -------------------------------------------------------------------------------------------
+def test_cka_of_a_model_with_itself_is_one_on_the_diagonal_and_symmetric():
+    torch.manual_seed(0)
+    model = small_vit()
+    batches = [torch.randn(16, 3, 16, 16) for _ in range(3)]
+    with torch.no_grad():
+        cka = minibatch_cka((layer_features(model, imgs), layer_features(model, imgs)) for imgs in batches)
+    assert cka.shape == (4, 4)                                        # depth + 1 layers
+    torch.testing.assert_close(cka.diagonal(), torch.ones(4, dtype=torch.float64))
+    torch.testing.assert_close(cka, cka.T)
+
+
+def test_cka_is_invariant_to_orthogonal_transforms_and_isotropic_scaling():
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 20), torch.randn(40, 30)
+    y = y + x @ torch.randn(20, 30)                                   # related, so CKA is far from 0
+    rotation, _ = torch.linalg.qr(torch.randn(30, 30))
+    base = minibatch_cka([([x], [y])])
+    transformed = minibatch_cka([([x * 3.7], [y @ rotation])])
+    assert 0.2 < base.item() < 1
+    torch.testing.assert_close(transformed, base)
+
+
+@pytest.mark.parametrize('num_batches', [1, 3])
+def test_minibatch_cka_matches_a_direct_computation_of_the_formula(num_batches):
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((12, 7)) for _ in range(num_batches)]
+    ys = [x @ rng.standard_normal((7, 5)) + rng.standard_normal((12, 5)) for x in xs]
+    # two layers of X (the second a scaled copy) against one of Y
+    cka = minibatch_cka(([torch.from_numpy(x), torch.from_numpy(2 * x)], [torch.from_numpy(y)])
+                        for x, y in zip(xs, ys))
+    assert cka.shape == (2, 1)
+    expected = reference_cka(xs, ys)
+    np.testing.assert_allclose(cka[:, 0].numpy(), [expected, expected], rtol=1e-10)
+
+
+# -- attention -------------------------------------------------------------------------------------
+def test_patch_attention_drops_the_cls_token_and_renormalises():
+    logits = torch.randn(2, 3, 1 + 9, 1 + 9)
+    attn = patch_attention(logits)
+    assert attn.shape == (2, 3, 9, 9)
+    torch.testing.assert_close(attn, logits[:, :, 1:, 1:].softmax(-1))
+    torch.testing.assert_close(attn.sum(-1), torch.ones(2, 3, 9))
+
+
+def test_attention_distance_of_identity_attention_is_zero():
+    identity = torch.eye(16).expand(2, 3, 16, 16)
+    assert torch.equal(attention_distance(identity, grid_size=4, patch_size=8), torch.zeros(2, 3))
+
+
+def test_attention_distance_of_uniform_attention_is_the_mean_pairwise_patch_distance_in_pixels():
+    grid, patch = 4, 8
+    cells = list(itertools.product(range(grid), range(grid)))
+    pairwise = [math.dist(a, b) * patch for a in cells for b in cells]
+    uniform = torch.full((2, 3, 16, 16), 1 / 16)
+    distance = attention_distance(uniform, grid_size=grid, patch_size=patch)
+    torch.testing.assert_close(distance, torch.full((2, 3), sum(pairwise) / len(pairwise)))
+
+
+def test_entropy_of_uniform_attention_is_log_n():
+    uniform = torch.full((2, 3, 16, 16), 1 / 16)
+    torch.testing.assert_close(attention_entropy(uniform), torch.full((2, 3), math.log(16)),
+                               atol=1e-4, rtol=0)                     # the +1e-6 inside the log
+
+
+# -- loading ---------------------------------------------------------------------------------------
+def test_the_final_layer_is_the_checkpoints_own_norm(tmp_path):
+    """fc_norm in the checkpoint -> a global-pool model; MAE (norm only) -> a cls model."""
+    mae = mae_tiny(img_size=16, patch_size=4)
+    torch.save({'model': mae.state_dict()}, tmp_path / 'mae.pth')
+    finetuned = VisionTransformer(img_size=16, patch_size=4, num_classes=5, global_pool=True)
+    torch.save({'model': finetuned.state_dict()}, tmp_path / 'ft.pth')
+    args = argparse.Namespace()                                       # flags only a `random` model reads
+    from_mae, _ = build_encoder(str(tmp_path / 'mae.pth'), args)
+    from_ft, _ = build_encoder(str(tmp_path / 'ft.pth'), args)
+    assert not from_mae.global_pool and from_ft.global_pool
+    assert from_mae.patch_embed.img_size == 16                        # native size, from the weights
+    torch.testing.assert_close(from_mae.norm.weight, mae.norm.weight)
+
+
+def test_load_mae_reads_a_mae_lite_checkpoint_with_its_decoder(tmp_path):
+    torch.manual_seed(0)
+    mae = mae_tiny(img_size=16, patch_size=4)
+    torch.save({'model': {f'module.model.{k}': v for k, v in mae.state_dict().items()}}, tmp_path / 'lite.pth')
+    loaded = load_mae(tmp_path / 'lite.pth')
+    assert loaded.patch_embed.img_size == 16 and loaded.norm_pix_loss
+    for name, tensor in mae.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], tensor)
+
+
+# -- the script ------------------------------------------------------------------------------------
+@pytest.fixture(scope='module')
+def mae_checkpoint(tmp_path_factory):
+    """A checkpoint as pretrain_mae.py writes it, of an MAE-Tiny at 16 px with 4-px patches."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp('mae') / 'checkpoint.pth'
+    args = {'model': 'vit_tiny', 'img_size': 16, 'patch_size': 4, 'norm_pix_loss': True}
+    torch.save({'stage': 'pretrain_mae', 'epoch': 0, 'args': args,
+                'model': mae_tiny(img_size=16, patch_size=4).state_dict()}, path)
+    return path
+
+
+def run_analyze(capsys, *argv):
+    """analyze.py in this process (a fresh one per command would re-import torch each time)."""
+    analyze_main([str(arg) for arg in argv])
+    return capsys.readouterr().out
+
+
+def test_cka_command_writes_heatmap_json_and_csv(mae_checkpoint, fashion_folder, tmp_path, capsys):
+    out = run_analyze(capsys, 'cka', '--a', mae_checkpoint, '--b', 'random', '--patch-size', 4,
+                      '--data', fashion_folder, '--num-images', 64, '--batch-size', 32,
+                      '--num-workers', 0, '--device', 'cpu', '--output-dir', tmp_path)
+    rows = json.loads((tmp_path / 'cka.json').read_text())
+    assert len(rows) == 13 and all(len(row) == 13 for row in rows)   # vit_tiny: layers 0..12
+    table = list(csv.reader((tmp_path / 'cka.csv').open()))
+    assert len(table) == 14 and float(table[1][1]) == pytest.approx(rows[0][0], abs=1e-6)
+    assert (tmp_path / 'cka.png').stat().st_size > 0
+    assert 'diagonal' in out and str(tmp_path / 'cka.png') in out
+
+
+def test_attention_command_writes_both_plots_and_tables(mae_checkpoint, fashion_root, tmp_path, capsys):
+    out = run_analyze(capsys, 'attention', '--ckpt', mae_checkpoint, '--data', 'fashion_mnist',
+                      '--data-root', fashion_root, '--num-images', 64, '--batch-size', 32,
+                      '--num-workers', 0, '--device', 'cpu', '--output-dir', tmp_path)
+    records = json.loads((tmp_path / 'attention.json').read_text())
+    assert len(records) == 12 * 12                                    # layers x heads
+    max_distance = math.dist((0, 0), (3, 3)) * 4                      # 4 x 4 grid of 4-px patches
+    assert all(0 <= r['distance_px'] <= max_distance and 0 <= r['entropy'] <= math.log(16) for r in records)
+    assert len(list(csv.DictReader((tmp_path / 'attention.csv').open()))) == 12 * 12
+    for name in ('attention_distance.png', 'attention_entropy.png'):
+        assert (tmp_path / name).stat().st_size > 0
+    assert 'mean distance per layer (px)' in out
+
+
+def test_reconstruct_command_draws_the_pretraining_figure(mae_checkpoint, fashion_folder, tmp_path, capsys):
+    out = run_analyze(capsys, 'reconstruct', '--ckpt', mae_checkpoint, '--data', fashion_folder,
+                      '--num-images', 3, '--device', 'cpu', '--output-dir', tmp_path)
+    assert (tmp_path / 'reconstruction.png').stat().st_size > 0
+    assert str(tmp_path / 'reconstruction.png') in out
+
+
+def test_a_junk_checkpoint_is_a_one_line_error(fashion_folder, tmp_path):
+    junk = tmp_path / 'junk.pth'
+    junk.write_text('not a checkpoint')
+    result = run_script('analyze.py', 'attention', '--ckpt', junk, '--data', fashion_folder,
+                        '--device', 'cpu', '--output-dir', tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().count('\n') == 0 and 'not a readable PyTorch checkpoint' in result.stderr
