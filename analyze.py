@@ -12,7 +12,7 @@ width), patch size and native image size are read from its weights; --img-size o
 the images are shown at (position embeddings are then resized).
 
 Examples:
-  python analyze.py cka --a output/mae/checkpoint.pth --b random --data fashion_mnist
+  python analyze.py cka --a output/mae/checkpoint.pth --b random --patch-size 4 --data fashion_mnist
   python analyze.py attention --ckpt mae_tiny_400e.pth.tar --data /datasets/imagenet
   python analyze.py reconstruct --ckpt output/mae/checkpoint.pth
 """
@@ -242,12 +242,18 @@ def attention_command(args):
 @torch.inference_mode()
 def reconstruct_command(args):
     device = device_of(args)
-    model = load_mae(args.ckpt, args.img_size, args.norm_pix_loss).to(device).eval()
-    imgs = torch.stack([img for img, _ in val_images(args, model.patch_embed.img_size)])   # (n, 3, H, W)
+    if not 0 < args.mask_ratio < 1:
+        raise RunError(f"--mask-ratio must be in (0, 1), got {args.mask_ratio}")
+    try:
+        model = load_mae(args.ckpt, args.img_size, args.norm_pix_loss).to(device).eval()
+    except ValueError as e:                 # an --img-size that is no multiple of the patch size
+        raise RunError(str(e)) from None
+    imgs = torch.stack([img for img, _ in val_images(args, model.patch_embed.img_size)])  # (n, 3, H, W)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / 'reconstruction.png'
-    size = f"{model.embed_dim}-wide MAE, patch {model.patch_embed.patch_size}, {model.patch_embed.img_size} px"
+    patch_embed = model.patch_embed
+    size = f"MAE {WIDTHS[model.embed_dim]}, patch {patch_embed.patch_size}, {patch_embed.img_size} px"
     save_reconstruction_figure(model, imgs, path, f"{args.ckpt} ({size})", args.mask_ratio, args.seed)
     torch.manual_seed(args.seed)
     loss, _, _ = model(imgs.to(device), args.mask_ratio)
@@ -281,7 +287,8 @@ def plot_cka(cka, name_a, name_b, about, path):
     ax.set_xlabel(f"layer of B: {name_b}", fontsize=8)
     ax.set_ylabel(f"layer of A: {name_a}", fontsize=8)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label='linear CKA')
-    ax.set_title(f"layer i < depth: input of block i (after norm1); last: final norm\n{about}", fontsize=8)
+    ax.set_title(f"linear CKA; layer i < depth: input of block i (after norm1), last: final norm\n{about}",
+                 fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -322,7 +329,8 @@ def add_shared_args(parser, num_images, batch_size=None, random_model=True):
     g.add_argument('--num-images', type=int, default=num_images,
                    help=f'a fixed random sample of this many val images (default {num_images})')
     if batch_size:
-        g.add_argument('--batch-size', type=int, default=batch_size, help=f'default {batch_size}')
+        g.add_argument('--batch-size', type=int, default=batch_size,
+                       help=f'images per batch (default {batch_size})')
         g.add_argument('--num-workers', type=int, default=4, help='data loader processes')
     g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     g.add_argument('--output-dir', default='output/analysis', help='where the figures and tables go')
@@ -335,21 +343,28 @@ def add_shared_args(parser, num_images, batch_size=None, random_model=True):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest='command', required=True)
 
-    p = commands.add_parser('cka', help='layer-wise linear CKA between two models')
+    p = commands.add_parser('cka', help='layer-wise linear CKA between two models',
+                            description='Minibatch linear CKA between layers 0..depth of two models. '
+                                        'Paper: about 1,000 ImageNet val images in batches of 128.')
     p.add_argument('--a', required=True, help='checkpoint, or `random` (rows of the matrix)')
     p.add_argument('--b', required=True, help='checkpoint, or `random` (columns)')
     add_shared_args(p, num_images=1000, batch_size=128)    # paper: ~1,000 ImageNet val images, batch 128
     p.set_defaults(func=cka_command)
 
-    p = commands.add_parser('attention', help='per-head attention distance and entropy')
+    p = commands.add_parser('attention', help='per-head attention distance and entropy',
+                            description='Mean attention distance (pixels) and entropy of every head, '
+                                        'among patch tokens (cls cut, softmax again).')
     p.add_argument('--ckpt', required=True, help='checkpoint, or `random`')
     add_shared_args(p, num_images=1000, batch_size=32)     # 12 layers of (B, heads, N, N) logits
     p.set_defaults(func=attention_command)
 
-    p = commands.add_parser('reconstruct', help="an MAE's reconstructions of a few val images")
+    p = commands.add_parser('reconstruct', help="an MAE's reconstructions of a few val images",
+                            description='Original / masked / reconstruction of a few val images, with '
+                                        'a fixed masking (--seed).')
     p.add_argument('--ckpt', required=True, help='MAE pre-training checkpoint that keeps the decoder')
     p.add_argument('--mask-ratio', type=float, default=0.75, help='paper: 0.75')
     p.add_argument('--norm-pix-loss', action=argparse.BooleanOptionalAction, default=None,

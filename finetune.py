@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from data import build_dataset, build_loader, eval_transform, finetune_transform
+from data import (DeviceLoader, build_dataset, build_loader, decode_to_tensor, eval_transform,
+                  finetune_transform)
 from training import (Run, RunError, add_common_args, adamw, append_log, check_finite, load_resume_checkpoint,
                       lr_at, no_sync_unless, parse_args, prepare_log, run_main, save_checkpoint,
                       seed_everything, set_lr)
@@ -39,7 +40,7 @@ STAGE = 'finetune'
 # --------------------------------------------------------------------------------------------------
 # The recipe's pieces: layer-wise lr decay, RandAugment spec, batch mixing
 # --------------------------------------------------------------------------------------------------
-def layer_decay_groups(model, weight_decay, layer_decay, no_decay=('pos_embed', 'cls_token')):
+def layer_decay_groups(model, weight_decay, layer_decay):
     """Optimizer param groups for layer-wise lr decay (BEiT / MAE fine-tuning).
 
     Layer ids: 0 = patch_embed, cls_token, pos_embed; k = blocks[k-1] (k = 1..depth);
@@ -52,15 +53,13 @@ def layer_decay_groups(model, weight_decay, layer_decay, no_decay=('pos_embed', 
     depth = len(model.blocks)
     groups = {}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
         if name.startswith(('patch_embed.', 'cls_token', 'pos_embed')):
             layer_id = 0
         elif name.startswith('blocks.'):
             layer_id = int(name.split('.')[1]) + 1
         else:
             layer_id = depth + 1
-        decays = p.ndim > 1 and name not in no_decay
+        decays = p.ndim > 1 and name not in ('pos_embed', 'cls_token')
         key = (layer_id, decays)
         if key not in groups:
             groups[key] = {'params': [], 'weight_decay': weight_decay if decays else 0.0,
@@ -201,6 +200,41 @@ def evaluate(model, loader, run, amp):
     return {'top1': 100 * top1_hits / n, 'top5': 100 * top5_hits / n, 'loss': loss_sum / n}
 
 
+def build_val_loader(args, run):
+    """-> (loader, images, classes) of the validation set, in the eval view: resize to size / 0.875
+    (bicubic), center crop."""
+    if args.data_on_device:
+        images, labels, num_classes = decode_to_tensor(args.data, args.data_root, False, args.img_size,
+                                                       crop_pct=0.875, subset=args.val_subset,
+                                                       device=run.device)
+        loader = DeviceLoader(images, labels, args.batch_size, train=False, rank=run.rank,
+                              world_size=run.world_size)
+        return loader, len(images), num_classes
+    dataset, num_classes = build_dataset(args.data, args.data_root, train=False, subset=args.val_subset,
+                                         transform=eval_transform(args.img_size),
+                                         synthetic_size=args.img_size)
+    loader = build_loader(dataset, args.batch_size, train=False, num_workers=args.num_workers,
+                          device=run.device, rank=run.rank, world_size=run.world_size)
+    return loader, len(dataset), num_classes
+
+
+def build_train_loader(args, run, rand_aug):
+    """-> (loader, images, classes) of the training set with the per-image augmentation; the
+    in-memory path (--data-on-device) has RandomResizedCrop + flip only."""
+    if args.data_on_device:
+        images, labels, num_classes = decode_to_tensor(args.data, args.data_root, True, args.img_size,
+                                                       subset=args.subset, device=run.device)
+        loader = DeviceLoader(images, labels, args.batch_size, train=True, min_scale=args.min_crop_scale,
+                              seed=args.seed, rank=run.rank, world_size=run.world_size)
+        return loader, len(images), num_classes
+    dataset, num_classes = build_dataset(
+        args.data, args.data_root, train=True, synthetic_size=args.img_size, subset=args.subset,
+        transform=finetune_transform(args.img_size, args.min_crop_scale, rand_aug, args.reprob))
+    loader = build_loader(dataset, args.batch_size, train=True, num_workers=args.num_workers,
+                          device=run.device, seed=args.seed, rank=run.rank, world_size=run.world_size)
+    return loader, len(dataset), num_classes
+
+
 def load_init(model, path, eval_only, run):
     """Load --init and say what was loaded and what starts fresh. Evaluating needs the head too."""
     report = load_pretrained(model, path)
@@ -221,15 +255,14 @@ def main(argv=None):
         raise RunError(f"--layer-decay must be in (0, 1], got {args.layer_decay}")
     if args.eval_only and not args.init:
         raise RunError("--eval-only evaluates the weights given by --init: pass a fine-tuned checkpoint")
+    if args.data_on_device and (rand_aug or args.reprob > 0) and not args.eval_only:
+        raise RunError("--data-on-device augments with RandomResizedCrop + flip only: add "
+                       "--rand-aug none --reprob 0, or drop --data-on-device")
     run = Run(args)
     seed_everything(args.seed)
 
     # data ------------------------------------------------------------------------------------------
-    val_set, num_classes = build_dataset(args.data, args.data_root, train=False,
-                                         transform=eval_transform(args.img_size), synthetic_size=args.img_size,
-                                         subset=args.val_subset)
-    val_loader = build_loader(val_set, args.batch_size, train=False, num_workers=args.num_workers,
-                              device=run.device, rank=run.rank, world_size=run.world_size)
+    val_loader, num_val, num_classes = build_val_loader(args, run)
 
     # model -----------------------------------------------------------------------------------------
     model = MODELS[args.model](img_size=args.img_size, patch_size=args.patch_size, num_classes=num_classes,
@@ -240,21 +273,17 @@ def main(argv=None):
         print("no --init: training from scratch (the supervised baseline)", flush=True)
 
     if args.eval_only:
-        run.announce(model, f" | eval only, {len(val_set)} images")
+        run.announce(model, f" | eval only, {num_val} images")
         stats = evaluate(run.wrap(model, args.compile), val_loader, run, args.amp)
         if run.is_main:
             print(f"eval {args.init}: top-1 {stats['top1']:.2f}% top-5 {stats['top5']:.2f}% "
-                  f"loss {stats['loss']:.4f} on {len(val_set)} images", flush=True)
+                  f"loss {stats['loss']:.4f} on {num_val} images", flush=True)
         run.close()
         return
 
-    train_set, train_classes = build_dataset(
-        args.data, args.data_root, train=True, synthetic_size=args.img_size, subset=args.subset,
-        transform=finetune_transform(args.img_size, args.min_crop_scale, rand_aug, args.reprob))
+    loader, num_train, train_classes = build_train_loader(args, run, rand_aug)
     if train_classes != num_classes:
         raise RunError(f"--data {args.data}: {train_classes} classes in train but {num_classes} in val")
-    loader = build_loader(train_set, args.batch_size, train=True, num_workers=args.num_workers,
-                          device=run.device, seed=args.seed, rank=run.rank, world_size=run.world_size)
     batch_mixing = build_batch_mixing(args.mixup, args.cutmix, num_classes)
 
     # optimizer -------------------------------------------------------------------------------------
@@ -270,7 +299,7 @@ def main(argv=None):
         optimizer.load_state_dict(ckpt['optimizer'])
         start_epoch, best_top1 = ckpt['epoch'] + 1, ckpt['best_top1']
     train_model = run.wrap(model, args.compile)
-    run.announce(model, f" | {len(train_set)} train / {len(val_set)} val images, "
+    run.announce(model, f" | {num_train} train / {num_val} val images, "
                         f"{num_classes} classes, {len(loader)} steps/epoch")
     log = prepare_log(run.output_dir, start_epoch)
 

@@ -8,7 +8,7 @@ The paper's method (Wang et al. 2023, "D-MAE"), on top of pretrain_mae.py's `MAE
               SAME visible patches of the same images, and gives its own attention logits
   4. loss:    MAE loss + alpha * MSE(Conv1x1_heads(student logits), teacher logits)
 
-Only the student and the 1x1 head adapter train. The checkpoint's `model` is the student MAE's state
+Only the student and the adapters train. The checkpoint's `model` is the student MAE's state
 dict (so finetune.py / linear_probe.py read it like any MAE checkpoint); the adapter sits apart under
 `adapter`, and the teacher is not saved (`--teacher` names it).
 
@@ -66,8 +66,11 @@ class DistilledMAE(nn.Module):
     attn_pairs:   [(student block, teacher block)] whose pre-softmax attention logits are matched;
     hidden_pairs: [(student layer, teacher layer)] whose hidden states are matched, layer i < depth
                   being blocks[i].norm1's output and layer depth the final norm's output.
-    forward(imgs, mask_ratio, noise) returns a dict of scalar losses: `loss` (to minimise),
-    `mae_loss`, `attn_loss`, `hidden_loss` (when hidden_pairs), `distill_loss` = attn + hidden."""
+    forward(imgs, mask_ratio, noise) returns a dict of scalar losses: `mae_loss`; `attn_loss`, the
+    mean over attn_pairs; `hidden_loss`, the mean over hidden_pairs (only when there are some);
+    `distill_loss` = attn_loss + hidden_loss; and `loss` = mae_loss + alpha * distill_loss.
+    The adapters are 1x1 Conv2d(student heads -> teacher heads) and Linear(student dim -> teacher
+    dim), both without bias and with PyTorch's default init; AdamW decays them like any weight."""
 
     def __init__(self, student: MAE, teacher: VisionTransformer, attn_pairs, hidden_pairs=(), alpha=1.0):
         super().__init__()
@@ -168,8 +171,10 @@ def build_teacher(name, path, img_size, patch_size):
     try:
         load_pretrained(teacher, path, allow_new=())
     except CheckpointError as e:
-        raise CheckpointError(f"--teacher: {e} (the teacher is --teacher-model {name} at the student's "
-                              f"--patch-size {patch_size}; both must match the checkpoint)") from None
+        # the teacher's size is --teacher-model, not --model; its patches must be the student's
+        message = str(e).replace('check --model', 'check --teacher-model')
+        raise CheckpointError(f"--teacher: {message} (the teacher is built at the student's "
+                              f"--patch-size {patch_size} so that both see the same patches)") from None
     return teacher
 
 
@@ -305,8 +310,9 @@ def main(argv=None):
             save_reconstruction_figure(model.student, shown_imgs, run.output_dir / 'reconstruction.png',
                                        f"D-MAE {args.model} from {args.teacher_model}, epoch {epoch}, "
                                        f"MAE loss {stats['mae_loss']:.3f}", args.mask_ratio)
-            print(f"epoch {epoch}: MAE loss {stats['mae_loss']:.4f}, distill loss {stats['distill_loss']:.4f}, "
-                  f"{stats['img_per_s']:.0f} img/s, checkpoint {run.output_dir / 'checkpoint.pth'}", flush=True)
+            print(f"epoch {epoch}: MAE loss {stats['mae_loss']:.4f}, distill loss "
+                  f"{stats['distill_loss']:.4f}, {stats['img_per_s']:.0f} img/s, "
+                  f"checkpoint {run.output_dir / 'checkpoint.pth'}", flush=True)
     run.close()
 
 

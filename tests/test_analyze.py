@@ -128,11 +128,13 @@ def test_the_final_layer_is_the_checkpoints_own_norm(tmp_path):
 def test_load_mae_reads_a_mae_lite_checkpoint_with_its_decoder(tmp_path):
     torch.manual_seed(0)
     mae = mae_tiny(img_size=16, patch_size=4)
-    torch.save({'model': {f'module.model.{k}': v for k, v in mae.state_dict().items()}}, tmp_path / 'lite.pth')
+    lite_layout = {f'module.model.{k}': v for k, v in mae.state_dict().items()}     # keys as MAE-Lite saves
+    torch.save({'model': lite_layout}, tmp_path / 'lite.pth')
     loaded = load_mae(tmp_path / 'lite.pth')
     assert loaded.patch_embed.img_size == 16 and loaded.norm_pix_loss
+    loaded_state = loaded.state_dict()
     for name, tensor in mae.state_dict().items():
-        torch.testing.assert_close(loaded.state_dict()[name], tensor)
+        torch.testing.assert_close(loaded_state[name], tensor)
 
 
 # -- the script ------------------------------------------------------------------------------------

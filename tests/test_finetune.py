@@ -1,7 +1,10 @@
 """finetune.py: the layer-decay rule, loading a pre-trained encoder, batch mixing, the recipes, and
 the script as a user runs it (a short real run, --eval-only, --resume, bad input)."""
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -150,10 +153,12 @@ def test_improved_and_mae_default_recipes_differ_only_where_the_paper_says():
 
 
 def test_transfer_and_quick_recipes_parse():
-    transfer = parse_args(build_parser(), ['--config', str(ROOT / 'configs' / 'finetune_transfer.yaml')])
+    def recipe(name):
+        return parse_args(build_parser(), ['--config', str(ROOT / 'configs' / name)])
+    transfer = recipe('finetune_transfer.yaml')
     assert (transfer.optimizer, transfer.lr, transfer.clip_grad, transfer.layer_decay,
             transfer.weight_decay, transfer.rand_aug) == ('sgd', 0.1, 1.0, 0.75, 0.0, 'none')
-    quick = parse_args(build_parser(), ['--config', str(ROOT / 'configs' / 'finetune_fashion_mnist_quick.yaml')])
+    quick = recipe('finetune_fashion_mnist_quick.yaml')
     assert quick.data == 'fashion_mnist' and quick.subset > 0 and quick.val_subset > 0
     assert (quick.img_size, quick.patch_size) == (32, 4)            # the quick MAE's shape
 
@@ -211,6 +216,22 @@ def test_eval_only_reproduces_the_logged_accuracy(finetuned, fashion_folder, tmp
     assert not (tmp_path / 'log.jsonl').exists()                    # evaluation trains nothing
 
 
+def test_ddp_eval_sums_the_counts_of_both_processes(finetuned, fashion_folder, tmp_path):
+    out, _ = finetuned
+    best = torch.load(out / 'best.pth', weights_only=True)
+    result = subprocess.run(
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+         str(ROOT / 'finetune.py'), '--eval-only', '--data', str(fashion_folder), *TINY,
+         '--init', str(out / 'best.pth'), '--output-dir', str(tmp_path)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'x 2' in result.stdout and result.stdout.count('top-1') == 1     # only rank 0 speaks
+    top1, loss = map(float, re.search(r'top-1 ([\d.]+)% .* loss ([\d.]+)', result.stdout).groups())
+    logged = read_log(out)[best['epoch']]                           # 80 images = 2 shards of 40
+    assert top1 == pytest.approx(logged['val_top1'], abs=0.01)
+    assert loss == pytest.approx(logged['val_loss'], abs=1e-4)
+
+
 def test_eval_only_refuses_an_encoder_without_its_head(fashion_folder, tmp_path):
     torch.save({'model': mae_tiny(img_size=16, patch_size=8).state_dict()}, tmp_path / 'mae.pth')
     with pytest.raises(RunError, match='--eval-only needs a fine-tuned checkpoint'):
@@ -253,6 +274,27 @@ def test_a_run_stopped_after_an_epoch_resumes_exactly(fashion_folder, tmp_path, 
             == [{k: v for k, v in line.items() if k not in timing} for line in read_log(whole)])
     a, b = (torch.load(d / 'checkpoint.pth', weights_only=True)['model'] for d in (whole, stopped))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_data_on_device_evaluates_like_the_image_pipeline(finetuned, fashion_folder, tmp_path, capsys):
+    out, _ = finetuned
+    best = torch.load(out / 'best.pth', weights_only=True)
+    finetune.main(['--eval-only', '--data-on-device', '--data', str(fashion_folder), *TINY,
+                   '--init', str(out / 'best.pth'), '--output-dir', str(tmp_path)])
+    top1 = float(re.search(r'top-1 ([\d.]+)%', capsys.readouterr().out)[1])
+    # tensor resize vs PIL resize: a few of the 80 images may flip, not more
+    assert abs(top1 - read_log(out)[best['epoch']]['val_top1']) <= 5.0
+
+
+def test_data_on_device_trains_with_batch_mixing(fashion_folder, tmp_path):
+    data = small_folder(fashion_folder, tmp_path / 'data', {'train': 8, 'val': 4})
+    args = ['--data', str(data), *TINY, '--epochs', '1', '--warmup-epochs', '0', '--mixup', '0.8',
+            '--data-on-device', '--output-dir', str(tmp_path / 'out')]
+    with pytest.raises(RunError, match='--rand-aug none --reprob 0'):
+        finetune.main(args)                                         # RandAugment is per image
+    finetune.main([*args, '--rand-aug', 'none'])
+    (line,) = read_log(tmp_path / 'out')
+    assert 1.0 < line['loss'] < 2.0 and line['val_top1'] % 6.25 == 0   # 16 val images
 
 
 def test_a_junk_init_file_is_one_line_error(fashion_folder, tmp_path):

@@ -1,0 +1,237 @@
+"""Speed of one training step of each stage on this device, and of the data path.
+
+For each stage (MAE, D-MAE, fine-tune, linear probe) and each of eager / torch.compile x fp32 / bf16
+autocast: images per second, peak memory, the achieved GFLOP/s (FLOPs of forward + backward counted
+with torch.utils.flop_counter, attention included) and its share of the device's peak (a large fp32
+matmul measured on CPU; the datasheet dense bf16 peak on CUDA, i.e. MFU). Then the data path alone
+(the per-image DataLoader and the in-memory --data-on-device loader) and the MAE step fed by the
+in-memory loader vs by one pre-made batch. Each configuration runs in a fresh process, so peak
+memory and compile caches do not leak between rows. Prints one markdown table and its command.
+
+    python bench.py                                    # MAE-Tiny at 224 px, batch 32
+    python bench.py --img-size 32 --patch-size 4 --batch-size 256 --stages mae data   # quick recipe
+"""
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+# dense bf16 tensor-core peaks from the datasheets, TFLOP/s; matched against the device name
+CUDA_BF16_PEAK_TFLOPS = {'H100': 989, 'A100': 312, 'L40S': 362, 'L4': 121, 'A10': 125,
+                         'RTX 4090': 165, 'RTX 3090': 71, 'V100': 125, 'T4': 65}
+STAGES = ('mae', 'dmae', 'finetune', 'probe', 'data')
+
+
+# --------------------------------------------------------------------------------------------------
+# One training step per stage, on a fixed random batch
+# --------------------------------------------------------------------------------------------------
+def build_step(stage, args, device):
+    """-> step(imgs, labels), the trainable module, a batch (imgs, labels)."""
+    from finetune import layer_decay_groups
+    from linear_probe import LARS, probe_head
+    from pretrain_distill import DistilledMAE
+    from pretrain_mae import MAES
+    from training import adamw, weight_decay_groups
+    from vit import MODELS
+
+    size = dict(img_size=args.img_size, patch_size=args.patch_size)
+    imgs = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    labels = torch.randint(0, 1000, (args.batch_size,), device=device)
+    if stage == 'mae':
+        model = MAES[args.model](**size).to(device)
+        optimizer = adamw(weight_decay_groups(model, 0.05), 1e-4, (0.9, 0.95), device)
+        loss_of = lambda m, x, y: m(x)[0]
+    elif stage == 'dmae':
+        student = MAES[args.model](**size)
+        teacher = MODELS[args.teacher_model](num_classes=0, **size)
+        model = DistilledMAE(student, teacher, attn_pairs=[(student.depth - 1, teacher.depth - 1)]).to(device)
+        optimizer = adamw(weight_decay_groups(model, 0.05), 1e-4, (0.9, 0.95), device)
+        loss_of = lambda m, x, y: m(x)['loss']
+    elif stage == 'finetune':
+        model = MODELS[args.model](num_classes=1000, global_pool=True, **size).to(device)
+        optimizer = adamw(layer_decay_groups(model, 0.05, 0.85), 1e-4, (0.9, 0.999), device)
+        loss_of = lambda m, x, y: F.cross_entropy(m(x), y)
+    elif stage == 'probe':
+        model = MODELS[args.model](num_classes=1000, **size).to(device)
+        model.head = probe_head(model.embed_dim, 1000).to(device)
+        model.requires_grad_(False).eval()
+        model.head.requires_grad_(True).train()
+        optimizer = LARS(model.head.parameters(), lr=0.1)
+        loss_of = lambda m, x, y: F.cross_entropy(m(x), y)
+    else:
+        raise ValueError(stage)
+    return model, optimizer, loss_of, (imgs, labels)
+
+
+def make_step(model, optimizer, loss_of, amp, device):
+    def step(imgs, labels):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = loss_of(model, imgs, labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+    return step
+
+
+def count_flops(step, batch):
+    """FLOPs of one forward + backward, with attention run by the math kernel so it is counted."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        step(*batch)
+    return counter.get_total_flops()
+
+
+def seconds_per_call(fn, iters, warmup, device):
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / iters
+
+
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def peak_flops(device):
+    """CPU: a measured 2048 x 2048 fp32 matmul; CUDA: the datasheet dense bf16 peak, if known."""
+    if device.type == 'cuda':
+        name = torch.cuda.get_device_name(device)
+        known = [v for k, v in CUDA_BF16_PEAK_TFLOPS.items() if k in name]
+        return (known[0] * 1e12 if known else None), f"{name} datasheet bf16"
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    seconds = seconds_per_call(lambda: a @ b, iters=20, warmup=3, device=device)
+    return 2 * 2048 ** 3 / seconds, 'measured 2048^2 fp32 matmul'
+
+
+def peak_memory_mb(device):
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024     # whole process, incl. torch
+
+
+# --------------------------------------------------------------------------------------------------
+# One row (run in its own process)
+# --------------------------------------------------------------------------------------------------
+def measure_stage(stage, compile, amp, args, device):
+    model, optimizer, loss_of, batch = build_step(stage, args, device)
+    flops = count_flops(make_step(model, optimizer, loss_of, False, device), batch)
+    step = make_step(torch.compile(model) if compile else model, optimizer, loss_of, amp, device)
+    seconds = seconds_per_call(lambda: step(*batch), args.iters, args.warmup + 3 * compile, device)
+    return {'img_per_s': args.batch_size / seconds, 'gflop_per_s': flops / seconds / 1e9,
+            'gflop_per_img': flops / args.batch_size / 1e9}
+
+
+def measure_data(kind, args, device):
+    """The data path alone (img/s of batches), or the MAE step fed by the in-memory loader."""
+    from data import DeviceLoader, build_dataset, build_loader, decode_to_tensor, pretrain_transform
+    if kind == 'dataloader':
+        dataset, _ = build_dataset(args.data, args.data_root, True, pretrain_transform(args.img_size),
+                                   synthetic_size=args.img_size)
+        loader = build_loader(dataset, args.batch_size, True, args.num_workers, device)
+    else:
+        images, labels, _ = decode_to_tensor(args.data, args.data_root, True, args.img_size, device=device)
+        loader = DeviceLoader(images, labels, args.batch_size, train=True)
+    batches = iter(loader)
+    next(batches)                                             # workers started, first batch made
+    if kind != 'mae+device_loader':
+        seconds = seconds_per_call(lambda: next(batches)[0].to(device), args.iters, 1, device)
+        return {'img_per_s': args.batch_size / seconds}
+    model, optimizer, loss_of, _ = build_step('mae', args, device)
+    step = make_step(model, optimizer, loss_of, args.amp_default, device)
+    seconds = seconds_per_call(lambda: step(*next(batches)), args.iters, args.warmup, device)
+    return {'img_per_s': args.batch_size / seconds}
+
+
+def run_row(args):
+    device = torch.device(args.device)
+    stage, compile, amp = args.row.split(':')
+    compile, amp = compile == 'compile', amp == 'bf16'
+    if stage in ('dataloader', 'device_loader', 'mae+device_loader', 'mae+batch'):
+        if stage == 'mae+batch':
+            result = measure_stage('mae', False, args.amp_default, args, device)
+        else:
+            result = measure_data(stage, args, device)
+    else:
+        result = measure_stage(stage, compile, amp, args, device)
+    result['peak_mem_mb'] = peak_memory_mb(device)
+    print(json.dumps(result))
+
+
+# --------------------------------------------------------------------------------------------------
+# The table
+# --------------------------------------------------------------------------------------------------
+def rows_for(args):
+    rows = []
+    for stage in args.stages:
+        if stage == 'data':
+            rows += ['dataloader::', 'device_loader::', 'mae+batch::', 'mae+device_loader::']
+            continue
+        for compile in ('eager', 'compile') if args.compile_modes else ('eager',):
+            for amp in args.precisions:
+                rows.append(f'{stage}:{compile}:{amp}')
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--model', default='vit_tiny', choices=['vit_tiny', 'vit_small', 'vit_base'])
+    parser.add_argument('--teacher-model', default='vit_base', help='D-MAE teacher (paper: vit_base)')
+    parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('--patch-size', type=int, default=16)
+    parser.add_argument('--batch-size', type=int, default=32)
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--stages', nargs='+', default=list(STAGES), choices=STAGES)
+    parser.add_argument('--precisions', nargs='+', default=['fp32', 'bf16'], choices=['fp32', 'bf16'],
+                        help='fp32, and bf16 autocast (slow on CPUs without bf16 units)')
+    parser.add_argument('--compile-modes', action=argparse.BooleanOptionalAction, default=True,
+                        help='also measure with torch.compile')
+    parser.add_argument('--iters', type=int, default=10, help='timed steps per row')
+    parser.add_argument('--warmup', type=int, default=3, help='untimed steps first (+3 when compiled)')
+    parser.add_argument('--data', default='fashion_mnist', help='data set of the data-path rows')
+    parser.add_argument('--data-root', default='data')
+    parser.add_argument('--num-workers', type=int, default=2)
+    parser.add_argument('--row', help=argparse.SUPPRESS)      # internal: measure one row and exit
+    args = parser.parse_args()
+    args.amp_default = args.device.startswith('cuda')        # as the training scripts
+    if args.row:
+        return run_row(args)
+
+    torch.set_num_threads(torch.get_num_threads())
+    peak, peak_source = peak_flops(torch.device(args.device))
+    command = ' '.join(['python', *sys.argv])
+    print(f"$ {command}\n{args.model} {args.img_size}px patch {args.patch_size}, batch {args.batch_size}, "
+          f"{args.device} ({torch.get_num_threads()} threads); peak "
+          f"{peak / 1e9 if peak else float('nan'):.0f} GFLOP/s ({peak_source})\n")
+    print("| step | compile | precision | img/s | GFLOP/img | GFLOP/s | of peak | peak mem MB |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for row in rows_for(args):
+        result = subprocess.run([sys.executable, __file__, *sys.argv[1:], '--row', row],
+                                capture_output=True, text=True)
+        stage, compile, amp = row.split(':')
+        if result.returncode != 0:
+            reason = (result.stderr.strip().splitlines() or ['failed'])[-1][:80]
+            print(f"| {stage} | {compile or '-'} | {amp or '-'} | failed: {reason} |||||", flush=True)
+            continue
+        r = json.loads(result.stdout.strip().splitlines()[-1])
+        gflops = r.get('gflop_per_s')
+        share = f"{gflops * 1e9 / peak:.0%}" if gflops and peak else '-'
+        per_img = f"{r['gflop_per_img']:.2f}" if 'gflop_per_img' in r else '-'
+        print(f"| {stage} | {compile or '-'} | {amp or '-'} | {r['img_per_s']:.1f} | {per_img} | "
+              f"{f'{gflops:.0f}' if gflops else '-'} | {share} | {r['peak_mem_mb']:.0f} |", flush=True)
+
+
+if __name__ == '__main__':
+    main()
