@@ -27,8 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import build_dataset, build_loader, eval_transform, pretrain_transform
-from pretrain_mae import MAE, MAES, build_parser as build_mae_parser, save_reconstruction_figure
+from pretrain_mae import MAE, MAES, build_parser as build_mae_parser, pretrain_data, save_reconstruction_figure
 from training import (Run, RunError, adamw, append_log, check_finite, load_resume_checkpoint, lr_at,
                       no_sync_unless, parse_args, prepare_log, run_main, save_checkpoint, seed_everything,
                       set_lr, weight_decay_groups)
@@ -250,15 +249,8 @@ def main(argv=None):
     run = Run(args)
     seed_everything(args.seed)
 
-    # data ------------------------------------------------------------------------------------------
-    dataset, _ = build_dataset(args.data, args.data_root, train=True,
-                               transform=pretrain_transform(args.img_size, args.min_crop_scale),
-                               synthetic_size=args.img_size, subset=args.subset)
-    loader = build_loader(dataset, args.batch_size, train=True, num_workers=args.num_workers,
-                          device=run.device, seed=args.seed, rank=run.rank, world_size=run.world_size)
-    shown, _ = build_dataset(args.data, args.data_root, train=False,
-                             transform=eval_transform(args.img_size), synthetic_size=args.img_size)
-    shown_imgs = torch.stack([shown[i][0] for i in range(min(6, len(shown)))])  # (6, 3, H, W)
+    # data: as pretrain_mae.py ---------------------------------------------------------------------
+    loader, shown_imgs = pretrain_data(args, run)
 
     # model: student, teacher, adapters -------------------------------------------------------------
     student = MAES[args.model](img_size=args.img_size, patch_size=args.patch_size,
@@ -294,7 +286,7 @@ def main(argv=None):
     run.announce(model, f" | teacher {args.teacher_model} ({teacher_params / 1e6:.1f}M, frozen) "
                         f"{args.teacher} | attention pairs (student, teacher) {attn_pairs}"
                         f"{f' | hidden pairs {hidden_pairs}' if hidden_pairs else ''}"
-                        f" | {len(dataset)} images, {len(loader)} steps/epoch")
+                        f" | {len(loader.sampler) * run.world_size} images, {len(loader)} steps/epoch")
     log = prepare_log(run.output_dir, start_epoch)
 
     # the loop --------------------------------------------------------------------------------------

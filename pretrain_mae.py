@@ -289,14 +289,9 @@ def train_one_epoch(model, loader, optimizer, epoch, run, args):
             'img_per_s': steps * args.batch_size * run.world_size / elapsed, 'epoch_time_s': elapsed}
 
 
-def main(argv=None):
-    args = parse_args(build_parser(), argv)
-    if not 0 < args.mask_ratio < 1:
-        raise RunError(f"--mask-ratio must be in (0, 1), got {args.mask_ratio}")
-    run = Run(args)
-    seed_everything(args.seed)
-
-    # data ------------------------------------------------------------------------------------------
+def pretrain_data(args, run):
+    """The training loader (MAE's augmentation) and 6 validation images for the reconstruction figure;
+    shared with pretrain_distill.py."""
     if args.data_on_device:     # small data sets: decoded once, augmented in batches on the device
         images, labels, _ = decode_to_tensor(args.data, args.data_root, True, args.img_size,
                                              subset=args.subset, device=run.device)
@@ -311,6 +306,18 @@ def main(argv=None):
     shown, _ = build_dataset(args.data, args.data_root, train=False,
                              transform=eval_transform(args.img_size), synthetic_size=args.img_size)
     shown_imgs = torch.stack([shown[i][0] for i in range(min(6, len(shown)))])  # (6, 3, H, W)
+    return loader, shown_imgs
+
+
+def main(argv=None):
+    args = parse_args(build_parser(), argv)
+    if not 0 < args.mask_ratio < 1:
+        raise RunError(f"--mask-ratio must be in (0, 1), got {args.mask_ratio}")
+    run = Run(args)
+    seed_everything(args.seed)
+
+    # data ------------------------------------------------------------------------------------------
+    loader, shown_imgs = pretrain_data(args, run)
 
     # model and optimizer ---------------------------------------------------------------------------
     model = MAES[args.model](img_size=args.img_size, patch_size=args.patch_size,
