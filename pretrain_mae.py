@@ -9,7 +9,7 @@ The method in five steps, each a method of `MAE` below:
   5. forward_loss:    MSE on the masked patches only, against per-patch normalised pixels
 
 Run `python pretrain_mae.py --help` for the flags; `--config configs/mae_tiny_imagenet.yaml` is the
-paper's 400-epoch ImageNet recipe, `--config configs/mae_tiny_fashion_mnist.yaml` a laptop one.
+paper's 400-epoch ImageNet recipe, `--config configs/mae_tiny_fashion_mnist_quick.yaml` a laptop one.
 """
 import argparse
 import math
