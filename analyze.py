@@ -5,6 +5,7 @@
   attention    per layer and head: mean attention distance (pixels) and attention entropy among patch
                tokens, as the paper's two scatter plots (heads as dots, the layer mean as a line)
   reconstruct  an MAE's original / masked / reconstruction figure, the one pre-training draws
+  report       collect a mini_paper.sh run into REPORT.md: the paper's table and claims, in miniature
 
 A checkpoint is any of ours, official MAE, MAE-Lite or timm/DeiT, pre-trained or fine-tuned; `random`
 is a random-init encoder (--model, --patch-size, --seed). A checkpoint's size (tiny/small/base by
@@ -315,6 +316,108 @@ def plot_per_head(values, ylabel, about, path):
 
 
 # --------------------------------------------------------------------------------------------------
+# report: the paper in miniature (mini_paper.sh) as one REPORT.md
+# --------------------------------------------------------------------------------------------------
+# the run folders mini_paper.sh writes: (model, pre-training, pre-training run, fine-tune run, probe run)
+MINI_PAPER_ROWS = [
+    ('ViT-Tiny', 'none (supervised from scratch)', None, 'ft_scratch', 'probe_random'),
+    ('ViT-Tiny', 'MAE', 'mae_tiny', 'ft_mae', 'probe_mae'),
+    ('ViT-Tiny', 'D-MAE (teacher: the MAE ViT-Small below)', 'dmae_tiny', 'ft_dmae', 'probe_dmae'),
+    ('ViT-Small', 'MAE (the D-MAE teacher)', 'mae_small_teacher', None, None),
+]
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def best_of(run_dir, name, key):
+    """The best value of `key` over the epochs of run `name`'s log.jsonl, or None."""
+    values = [line[key] for line in read_jsonl(run_dir / str(name) / 'log.jsonl') if key in line]
+    return max(values) if values else None
+
+
+def cka_diagonal(run_dir, name):
+    path = run_dir / name / 'cka.json'
+    if not path.exists():
+        return None
+    rows = json.loads(path.read_text())
+    return [rows[i][i] for i in range(min(len(rows), len(rows[0])))]
+
+
+def percent(value):
+    return '-' if value is None else f"{value:.1f}"
+
+
+def claim_sentences(acc, probe, diagonal):
+    """One sentence per claim of the paper (PAPER.md, "What the paper shows") saying whether the
+    miniature agrees, with its numbers; a claim it cannot test is said to be untested."""
+    def verdict(holds):
+        return 'cannot say (a run is missing)' if holds is None else ('agrees' if holds else 'does not agree')
+
+    def greater(a, b):
+        return None if a is None or b is None else a > b
+
+    sentences = [
+        "1. *A vanilla ViT-Tiny pre-trained with MAE and fine-tuned is competitive with hand-designed "
+        "lightweight networks*: not tested (the miniature trains no such network); MAE-Tiny "
+        f"fine-tunes to {percent(acc['mae'])}% top-1.",
+        "2. *MAE pre-training beats supervised training from scratch*: "
+        f"{verdict(greater(acc['mae'], acc['scratch']))} (fine-tuned from MAE {percent(acc['mae'])}% vs "
+        f"from scratch {percent(acc['scratch'])}% top-1; linear probe of MAE {percent(probe['mae'])}% vs "
+        f"random init {percent(probe['scratch'])}%). Its second half, worse transfer to data-insufficient "
+        "tasks, is not tested: it needs a second data set."]
+    if diagonal:
+        third = max(1, len(diagonal) // 3)
+        low, high = sum(diagonal[:third]) / third, sum(diagonal[-third:]) / third
+        sentences.append(
+            "3. *MAE's lower layers matter most, its higher layers learn poorer semantics* (CKA between "
+            f"MAE and the model trained from scratch): {verdict(low > high)} (mean diagonal CKA "
+            f"{low:.2f} over the lowest {third} layers vs {high:.2f} over the highest {third}).")
+    else:
+        sentences.append("3. *MAE's lower layers matter most*: cannot say (no CKA result).")
+    sentences.append(
+        "4. *Distilling a bigger MAE's attention during pre-training (D-MAE) improves fine-tuning*: "
+        f"{verdict(greater(acc['dmae'], acc['mae']))} (D-MAE {percent(acc['dmae'])}% vs MAE "
+        f"{percent(acc['mae'])}% top-1 after fine-tuning; linear probe {percent(probe['dmae'])}% vs "
+        f"{percent(probe['mae'])}%).")
+    return sentences
+
+
+def report_command(args):
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise RunError(f"no run folder {run_dir}: run `bash mini_paper.sh {run_dir}` first")
+    seconds = {}
+    for line in read_jsonl(run_dir / 'times.jsonl'):
+        seconds[line['stage']] = seconds.get(line['stage'], 0) + line['seconds']
+    table = ["| model | pre-training | fine-tune top-1 | linear probe top-1 | wall time (min) |",
+             "|---|---|---:|---:|---:|"]
+    acc, probe = {}, {}
+    for (model, pretraining, pre, ft, lp), key in zip(MINI_PAPER_ROWS, ('scratch', 'mae', 'dmae', 'teacher')):
+        acc[key], probe[key] = best_of(run_dir, ft, 'best_top1'), best_of(run_dir, lp, 'top1')
+        minutes = sum(seconds.get(name, 0) for name in (pre, ft, lp) if name) / 60
+        table.append(f"| {model} | {pretraining} | {percent(acc[key])} | {percent(probe[key])} | {minutes:.1f} |")
+    figures = sorted(run_dir.glob('*/*.png'))
+    lines = [
+        "# The paper in miniature", "",
+        f"Every stage of the pipeline on Fashion-MNIST (`bash mini_paper.sh`), in `{run_dir}`; total "
+        f"wall time {sum(seconds.values()) / 60:.1f} min. Top-1 in %, best epoch, on the test images "
+        "each stage evaluated on; a row's wall time adds its pre-training, fine-tuning and probing.", "",
+        *table, "",
+        "## The paper's claims, in miniature", "",
+        *claim_sentences(acc, probe, cka_diagonal(run_dir, 'cka_mae_vs_scratch')), "",
+        "A miniature is minutes of CPU on 28-pixel clothes, not 400 epochs of ImageNet: a claim it does "
+        "not reproduce is not refuted by it, and one it reproduces is not confirmed by it.", "",
+        "## Figures", "",
+        *[f"**{path.parent.name}/{path.name}**\n\n![{path.parent.name}]({path.relative_to(run_dir)})\n"
+          for path in figures],
+    ]
+    (run_dir / 'REPORT.md').write_text('\n'.join(lines) + '\n')
+    print(f"wrote {run_dir / 'REPORT.md'}")
+    print('\n'.join(table))
+
+# --------------------------------------------------------------------------------------------------
 # Flags
 # --------------------------------------------------------------------------------------------------
 def add_shared_args(parser, num_images, batch_size=None, random_model=True):
@@ -372,6 +475,14 @@ def build_parser():
                         "saved flag, else on)")
     add_shared_args(p, num_images=6, random_model=False)
     p.set_defaults(func=reconstruct_command)
+
+    p = commands.add_parser('report', help="collect a mini_paper.sh run into RUN_DIR/REPORT.md",
+                            description="A table in the layout of the paper's (model, pre-training, "
+                                        "fine-tune and probe top-1, wall time), the figures, and one "
+                                        "sentence per claim of the paper saying whether the miniature "
+                                        "agrees.")
+    p.add_argument('run_dir', help='the folder mini_paper.sh wrote')
+    p.set_defaults(func=report_command)
     return parser
 
 

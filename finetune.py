@@ -274,7 +274,7 @@ def main(argv=None):
 
     if args.eval_only:
         run.announce(model, f" | eval only, {num_val} images")
-        stats = evaluate(run.wrap(model, args.compile), val_loader, run, args.amp)
+        stats = evaluate(run.wrap(model, args.compile, args.compile_mode), val_loader, run, args.amp)
         if run.is_main:
             print(f"eval {args.init}: top-1 {stats['top1']:.2f}% top-5 {stats['top5']:.2f}% "
                   f"loss {stats['loss']:.4f} on {num_val} images", flush=True)
@@ -298,7 +298,7 @@ def main(argv=None):
         model.load_state_dict(ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])
         start_epoch, best_top1 = ckpt['epoch'] + 1, ckpt['best_top1']
-    train_model = run.wrap(model, args.compile)
+    train_model = run.wrap(model, args.compile, args.compile_mode)
     run.announce(model, f" | {num_train} train / {num_val} val images, "
                         f"{num_classes} classes, {len(loader)} steps/epoch")
     log = prepare_log(run.output_dir, start_epoch)

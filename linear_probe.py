@@ -314,6 +314,7 @@ def main(argv=None):
     log = prepare_log(run.output_dir, start_epoch)
 
     # the loop --------------------------------------------------------------------------------------
+    last_save = time.time()
     for epoch in range(start_epoch, args.epochs):
         seed_everything(args.seed, epoch, run.rank)
         if not args.cached_features:
@@ -321,10 +322,14 @@ def main(argv=None):
         stats = train_one_epoch(classifier, model.head, train_batches(), steps, optimizer, epoch,
                                 run, args)
         stats.update(evaluate(classifier, model.head, val_batches(), run, args))
+        # cached epochs take a fraction of a second, less than writing the encoder: save once a minute
+        save = not args.cached_features or epoch + 1 == args.epochs or time.time() - last_save > 60
         if run.is_main:
             append_log(log, {'epoch': epoch, **stats})
-            save_checkpoint(run.output_dir / 'checkpoint.pth', stage=STAGE, epoch=epoch, args=vars(args),
-                            model=model.state_dict(), optimizer=optimizer.state_dict())
+            if save:
+                save_checkpoint(run.output_dir / 'checkpoint.pth', stage=STAGE, epoch=epoch,
+                                args=vars(args), model=model.state_dict(), optimizer=optimizer.state_dict())
+                last_save = time.time()
             print(f"epoch {epoch}: loss {stats['loss']:.4f}, train top-1 {stats['train_top1']:.2f}, "
                   f"val top-1 {stats['top1']:.2f}, top-5 {stats['top5']:.2f}", flush=True)
     run.close()

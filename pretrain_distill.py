@@ -281,7 +281,7 @@ def main(argv=None):
                            f"layers") from None
         optimizer.load_state_dict(ckpt['optimizer'])
         start_epoch = ckpt['epoch'] + 1
-    train_model = run.wrap(model, args.compile)
+    train_model = run.wrap(model, args.compile, args.compile_mode)
     teacher_params = sum(p.numel() for p in teacher.parameters())
     run.announce(model, f" | teacher {args.teacher_model} ({teacher_params / 1e6:.1f}M, frozen) "
                         f"{args.teacher} | attention pairs (student, teacher) {attn_pairs}"

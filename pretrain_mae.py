@@ -334,7 +334,7 @@ def main(argv=None):
         model.load_state_dict(ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])
         start_epoch = ckpt['epoch'] + 1
-    train_model = run.wrap(model, args.compile)
+    train_model = run.wrap(model, args.compile, args.compile_mode)
     run.announce(model, f" | {len(loader.sampler) * run.world_size} images, {len(loader)} steps/epoch")
     log = prepare_log(run.output_dir, start_epoch)
 
