@@ -30,6 +30,7 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from data import build_dataset, build_loader, eval_transform, finetune_transform
@@ -90,6 +91,11 @@ def probe_head(dim, num_classes):
     return nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), linear)
 
 
+def module_names(keys):
+    """['fc_norm.weight', 'fc_norm.bias', 'head.weight'] -> 'fc_norm, head', for one-line reports."""
+    return ', '.join(sorted({key.split('.')[0] for key in keys})) or 'none'
+
+
 def build_probe(args, num_classes, run):
     """A VisionTransformer with the --init encoder (or a random one), frozen and in eval mode, and a
     probe head. --feature avg builds the global-pool layout, so the feature is fc_norm(mean of patch
@@ -100,7 +106,7 @@ def build_probe(args, num_classes, run):
         report = load_pretrained(model, args.init, allow_new=('head.', 'fc_norm.', 'norm.'))
         if run.is_main:
             print(f"init from {args.init}: {len(report.loaded)} tensors loaded, new: "
-                  f"{', '.join(sorted({k.split('.')[0] for k in report.new})) or 'none'}")
+                  f"{module_names(report.new)}, ignored: {module_names(report.ignored)}")
     elif not args.init and run.is_main:
         print("no --init: probing a randomly initialised encoder (the baseline)")
     model.head = probe_head(model.embed_dim, num_classes)
@@ -142,7 +148,7 @@ def cached_features(model, train_set, val_set, run, args):
     images; otherwise extracted now and saved there. -> dict of (N, D) features and (N,) labels."""
     key = dict(encoder=encoder_fingerprint(model), model=args.model, feature=args.feature,
                data=str(args.data), data_root=str(args.data_root), img_size=args.img_size,
-               subset=args.subset)
+               subset=args.subset, val_subset=args.val_subset)
     path = run.output_dir / 'features.pt'
     if path.exists():
         cache = read_checkpoint(path)
@@ -160,15 +166,26 @@ def cached_features(model, train_set, val_set, run, args):
     return cache
 
 
-def feature_batches(features, labels, batch_size, shuffle):
-    """Mini-batches of cached features. shuffle=True: a random order (from the epoch's seed) with
-    the last partial batch dropped, as the training loader does; False: all, in order."""
-    order = torch.randperm(len(labels)) if shuffle else torch.arange(len(labels))
+def loader_order(num_images, seed, epoch):
+    """The order in which the training loader visits the images in `epoch` when run in one process
+    (its DistributedSampler's), so a cached run sees the very batches of the full protocol."""
+    sampler = DistributedSampler(range(num_images), num_replicas=1, rank=0, shuffle=True, seed=seed,
+                                 drop_last=True)
+    sampler.set_epoch(epoch)
+    return torch.tensor(list(sampler))
+
+
+def feature_batches(features, labels, batch_size, order=None):
+    """Mini-batches of cached features (N, D) and labels (N,): in `order` without the last partial
+    batch, as the training loader does, or all in turn when `order` is None (evaluation)."""
+    if order is None:
+        order, stop = torch.arange(len(labels)), len(labels)
+    else:
+        stop = len(order) - len(order) % batch_size
     order = order.to(labels.device)
-    stop = len(labels) - batch_size + 1 if shuffle else len(labels)
-    for start in range(0, max(stop, 0), batch_size):
+    for start in range(0, stop, batch_size):
         idx = order[start:start + batch_size]
-        yield features[idx], labels[idx]
+        yield features[idx], labels[idx]                              # (B, D), (B,)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -189,6 +206,8 @@ def build_parser():
                         'comparing with the paper. One process only (no torchrun)')
     g.add_argument('--eval-only', action='store_true',
                    help='evaluate the --resume checkpoint on the val images and exit')
+    g.add_argument('--val-subset', type=int, default=0,
+                   help='evaluate on a fixed random sample of this many val images (0: all), for quick runs')
     return parser
 
 
@@ -267,7 +286,8 @@ def main(argv=None):
                                            transform=train_transform, synthetic_size=args.img_size,
                                            subset=args.subset)
     val_set, _ = build_dataset(args.data, args.data_root, train=False,
-                               transform=eval_transform(args.img_size), synthetic_size=args.img_size)
+                               transform=eval_transform(args.img_size), synthetic_size=args.img_size,
+                               subset=args.val_subset)
 
     # model and optimizer ---------------------------------------------------------------------------
     model = build_probe(args, num_classes, run)
@@ -296,17 +316,26 @@ def main(argv=None):
         if steps == 0:
             raise RunError(f"the training set has {len(train_set)} images, fewer than one batch of "
                            f"{args.batch_size}: lower --batch-size")
-        train_batches = lambda: feature_batches(features['train'], features['train_labels'],
-                                                args.batch_size, shuffle=True)
-        val_batches = lambda: feature_batches(features['val'], features['val_labels'],
-                                              args.batch_size, shuffle=False)
+
+        def train_batches(epoch):
+            order = loader_order(len(features['train_labels']), args.seed, epoch)
+            return feature_batches(features['train'], features['train_labels'], args.batch_size, order)
+
+        def val_batches():
+            return feature_batches(features['val'], features['val_labels'], args.batch_size)
     else:
         classifier = run.wrap(model, args.compile)
         loader = build_loader(train_set, args.batch_size, train=True, num_workers=args.num_workers,
                               device=run.device, seed=args.seed, rank=run.rank,
                               world_size=run.world_size)
         steps = len(loader)
-        train_batches, val_batches = lambda: loader, lambda: val_loader
+
+        def train_batches(epoch):
+            loader.sampler.set_epoch(epoch)
+            return loader
+
+        def val_batches():
+            return val_loader
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     run.announce(model, f" | frozen encoder {frozen / 1e6:.2f}M params, feature {args.feature}, "
                         f"{'cached features' if args.cached_features else 'full protocol'} | "
@@ -314,22 +343,18 @@ def main(argv=None):
     log = prepare_log(run.output_dir, start_epoch)
 
     # the loop --------------------------------------------------------------------------------------
-    last_save = time.time()
+    # cached epochs take less time than writing the encoder to disk: save ten times a run
+    save_every = max(1, args.epochs // 10) if args.cached_features else 1
     for epoch in range(start_epoch, args.epochs):
         seed_everything(args.seed, epoch, run.rank)
-        if not args.cached_features:
-            loader.sampler.set_epoch(epoch)
-        stats = train_one_epoch(classifier, model.head, train_batches(), steps, optimizer, epoch,
+        stats = train_one_epoch(classifier, model.head, train_batches(epoch), steps, optimizer, epoch,
                                 run, args)
         stats.update(evaluate(classifier, model.head, val_batches(), run, args))
-        # cached epochs take a fraction of a second, less than writing the encoder: save once a minute
-        save = not args.cached_features or epoch + 1 == args.epochs or time.time() - last_save > 60
         if run.is_main:
             append_log(log, {'epoch': epoch, **stats})
-            if save:
+            if (epoch + 1) % save_every == 0 or epoch + 1 == args.epochs:
                 save_checkpoint(run.output_dir / 'checkpoint.pth', stage=STAGE, epoch=epoch,
                                 args=vars(args), model=model.state_dict(), optimizer=optimizer.state_dict())
-                last_save = time.time()
             print(f"epoch {epoch}: loss {stats['loss']:.4f}, train top-1 {stats['train_top1']:.2f}, "
                   f"val top-1 {stats['top1']:.2f}, top-5 {stats['top5']:.2f}", flush=True)
     run.close()

@@ -25,13 +25,13 @@ EXTRA=${MINI_PAPER_ARGS:-}     # e.g. MINI_PAPER_ARGS="--data-root /data" for ev
 
 # schedule overrides on top of the quick configs: pre-training, fine-tuning, probing, analysis
 case $SIZE in
-  quick) PRE=""; FT=""; LP=""; AN="--num-images 1000" ;;
+  quick) PRE=""; FT=""; LP=""; AN="--num-images 500" ;;
   full)  PRE="--subset 0 --epochs 100 --warmup-epochs 10 --batch-size 256"
          FT="--subset 0 --val-subset 0 --epochs 50 --warmup-epochs 5"
          LP="--subset 0 --epochs 90"; AN="--num-images 2000" ;;
-  smoke) PRE="--subset 256 --epochs 1 --batch-size 64"
-         FT="--subset 128 --val-subset 64 --epochs 1 --batch-size 64"
-         LP="--subset 128 --val-subset 64 --epochs 2 --batch-size 64"; AN="--num-images 64 --batch-size 32" ;;
+  smoke) PRE="--img-size 16 --subset 128 --epochs 1 --batch-size 64"
+         FT="--img-size 16 --subset 128 --val-subset 64 --epochs 1 --batch-size 64"
+         LP="--img-size 16 --subset 128 --val-subset 64 --epochs 2 --batch-size 64"; AN="--num-images 64 --batch-size 32" ;;
 esac
 mkdir -p "$RUN"
 stage() {   # stage NAME command...: run one stage, record its wall time in RUN/times.jsonl
