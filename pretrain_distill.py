@@ -20,15 +20,13 @@ Run `python pretrain_distill.py --help` for the flags; `--config configs/dmae_ti
 the paper's recipe, `configs/dmae_tiny_fashion_mnist_quick.yaml` a CPU one (its header says how to
 get the teacher).
 """
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from pretrain_mae import MAE, MAES, build_parser as build_mae_parser, pretrain_data, save_reconstruction_figure
-from training import (Run, RunError, adamw, append_log, check_finite, load_resume_checkpoint, lr_at,
+from training import (EpochProgress, Run, RunError, adamw, append_log, load_resume_checkpoint, lr_at,
                       no_sync_unless, parse_args, prepare_log, run_main, save_checkpoint, seed_everything,
                       set_lr, weight_decay_groups)
 from vit import MODELS, CheckpointError, VisionTransformer, load_pretrained
@@ -203,12 +201,9 @@ def train_one_epoch(model, loader, optimizer, epoch, run, args):
     """pretrain_mae's loop, summing every loss the model returns (MAE and distillation)."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    steps = len(loader)
-    sums = None
-    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not run.is_main, dynamic_ncols=True)
-    start = last_time = time.time()
-    last_step, lr = 0, 0.0
-    for step, (imgs, _) in enumerate(bar):
+    steps, lr, sums = len(loader), 0.0, None
+    progress = EpochProgress(loader, epoch, run)
+    for step, (imgs, _) in enumerate(progress):
         if step % args.accum_iter == 0:
             lr = lr_at(epoch + step / steps, run.lr, args.min_lr, args.warmup_epochs, args.epochs)
             set_lr(optimizer, lr)
@@ -225,18 +220,8 @@ def train_one_epoch(model, loader, optimizer, epoch, run, args):
             sums = {k: torch.zeros((), device=run.device) for k in losses}
         for k, v in losses.items():
             sums[k] += v.detach()
-
-        if (step + 1) % 20 == 0 or step + 1 == steps:              # the only host sync of the loop
-            means = {k: v.item() / (step + 1) for k, v in sums.items()}
-            check_finite(means['loss'], epoch, step, run.output_dir)
-            now = time.time()
-            img_per_s = (step - last_step + 1) * imgs.shape[0] * run.world_size / (now - last_time)
-            bar.set_postfix(mae=f"{means['mae_loss']:.4f}", distill=f"{means['distill_loss']:.4f}",
-                            lr=f"{lr:.2e}", img_s=f"{img_per_s:.0f}")
-            last_step, last_time = step + 1, now
-    elapsed = time.time() - start
-    return {**{k: run.mean_over_processes(v.item() / steps) for k, v in sums.items()}, 'lr': lr,
-            'img_per_s': steps * args.batch_size * run.world_size / elapsed, 'epoch_time_s': elapsed}
+        progress.show(step, imgs.shape[0], sums, lr)
+    return progress.summary(sums, lr)
 
 
 def main(argv=None):

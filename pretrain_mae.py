@@ -14,16 +14,14 @@ paper's 400-epoch ImageNet recipe, `--config configs/mae_tiny_fashion_mnist_quic
 import argparse
 import math
 import os
-import time
 
 import torch
 import torch.nn as nn
 from einops import rearrange, repeat
-from tqdm import tqdm
 
 from data import (IMAGENET_MEAN, IMAGENET_STD, DeviceLoader, build_dataset, build_loader, decode_to_tensor,
                   eval_transform, pretrain_transform)
-from training import (Run, RunError, add_common_args, adamw, append_log, check_finite, load_resume_checkpoint,
+from training import (EpochProgress, Run, RunError, add_common_args, adamw, append_log, load_resume_checkpoint,
                       lr_at, no_sync_unless, parse_args, prepare_log, run_main, save_checkpoint,
                       seed_everything, set_lr, weight_decay_groups)
 from vit import Block, CheckpointError, VisionTransformer, load_pretrained, read_checkpoint, sincos_pos_embed
@@ -257,12 +255,10 @@ def train_one_epoch(model, loader, optimizer, epoch, run, args):
     """One pass over the loader with per-iteration lr, gradient accumulation and bf16 autocast."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    steps = len(loader)
-    loss_sum = torch.zeros((), device=run.device)
-    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not run.is_main, dynamic_ncols=True)
-    start = last_time = time.time()
-    last_step, lr = 0, 0.0
-    for step, (imgs, _) in enumerate(bar):
+    steps, lr = len(loader), 0.0
+    sums = {'loss': torch.zeros((), device=run.device)}
+    progress = EpochProgress(loader, epoch, run)
+    for step, (imgs, _) in enumerate(progress):
         if step % args.accum_iter == 0:
             lr = lr_at(epoch + step / steps, run.lr, args.min_lr, args.warmup_epochs, args.epochs)
             set_lr(optimizer, lr)
@@ -275,18 +271,9 @@ def train_one_epoch(model, loader, optimizer, epoch, run, args):
         if ends_accumulation:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        loss_sum += loss.detach()
-
-        if (step + 1) % 20 == 0 or step + 1 == steps:              # the only host sync of the loop
-            mean_loss = loss_sum.item() / (step + 1)
-            check_finite(mean_loss, epoch, step, run.output_dir)
-            now = time.time()
-            img_per_s = (step - last_step + 1) * imgs.shape[0] * run.world_size / (now - last_time)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{img_per_s:.0f}")
-            last_step, last_time = step + 1, now
-    elapsed = time.time() - start
-    return {'loss': run.mean_over_processes(loss_sum.item() / steps), 'lr': lr,
-            'img_per_s': steps * args.batch_size * run.world_size / elapsed, 'epoch_time_s': elapsed}
+        sums['loss'] += loss.detach()
+        progress.show(step, imgs.shape[0], sums, lr)
+    return progress.summary(sums, lr)
 
 
 def pretrain_data(args, run):

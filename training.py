@@ -8,11 +8,13 @@ import math
 import os
 import random
 import sys
+import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import yaml
+from tqdm import tqdm
 from torch.nn.parallel import DistributedDataParallel
 
 from data import DataError
@@ -85,7 +87,7 @@ def add_common_args(parser, *, epochs, warmup_epochs, batch_size, blr, weight_de
     g.add_argument('--epochs', type=int, default=epochs, help=f'paper: {epochs}')
     g.add_argument('--warmup-epochs', type=float, default=warmup_epochs, help=f'paper: {warmup_epochs}')
     g.add_argument('--batch-size', type=int, default=batch_size,
-                   help=f'per process; effective batch = batch-size x accum-iter x processes')
+                   help='per process; effective batch = batch-size x accum-iter x processes')
     g.add_argument('--accum-iter', type=int, default=1, help='micro-batches per optimizer step')
     g.add_argument('--blr', type=float, default=blr,
                    help=f'base lr per 256 images: lr = blr x effective batch / 256 (paper: {blr})')
@@ -263,6 +265,39 @@ def adamw(groups, lr, betas, device):
     """AdamW; the fused kernel on CUDA, the multi-tensor (foreach) one elsewhere."""
     fused = device.type == 'cuda'
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused, foreach=None if fused else True)
+
+
+class EpochProgress:
+    """The tqdm bar of one epoch. `show` is the loop's only host sync: every `every` steps it checks that
+    the running mean loss is finite and shows the running means with the lr and img/s. Losses are
+    summed on the device in `sums` (name -> 0-d tensor; 'loss' is the one checked)."""
+
+    def __init__(self, loader, epoch, run, every=20):
+        self.run, self.epoch, self.every, self.steps = run, epoch, every, len(loader)
+        self.bar = tqdm(loader, desc=f"epoch {epoch}", disable=not run.is_main, dynamic_ncols=True)
+        self.start = self.last_time = time.time()
+        self.images = self.last_images = 0
+
+    def __iter__(self):
+        return iter(self.bar)
+
+    def show(self, step, batch_size, sums, lr):
+        self.images += batch_size * self.run.world_size
+        if (step + 1) % self.every and step + 1 != self.steps:
+            return
+        means = {name: total.item() / (step + 1) for name, total in sums.items()}
+        check_finite(means['loss'], self.epoch, step, self.run.output_dir)
+        now = time.time()
+        img_per_s = (self.images - self.last_images) / (now - self.last_time)
+        self.bar.set_postfix(**{k: f"{v:.4f}" for k, v in means.items()}, lr=f"{lr:.2e}",
+                             img_s=f"{img_per_s:.0f}")
+        self.last_images, self.last_time = self.images, now
+
+    def summary(self, sums, lr):
+        """The epoch's line of log.jsonl: mean losses over all processes, lr, img/s, time."""
+        elapsed = time.time() - self.start
+        return {**{name: self.run.mean_over_processes(total.item() / self.steps) for name, total in sums.items()},
+                'lr': lr, 'img_per_s': self.images / elapsed, 'epoch_time_s': elapsed}
 
 
 def check_finite(loss_value, epoch, step, output_dir):

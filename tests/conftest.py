@@ -1,5 +1,6 @@
 """Shared fixtures: real data (Fashion-MNIST from Debian's package) as a named data set and as a
 small image folder in ImageNet layout, and a runner for the stage scripts."""
+import json
 import os
 import subprocess
 import sys
@@ -57,3 +58,18 @@ def run_script(script, *args, cwd=None, timeout=600):
     """Run a stage script as a user would: a fresh process; returns the CompletedProcess."""
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def read_log(folder):
+    """The lines of a run's log.jsonl."""
+    return [json.loads(line) for line in (folder / 'log.jsonl').read_text().splitlines()]
+
+
+def assert_one_line_error(result, *fragments):
+    """Exit code 2, no traceback, and one line 'error: ...' last on stderr (after any progress bar)."""
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith('error: ')]
+    assert 'Traceback' not in result.stderr and errors == lines[-1:], result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]

@@ -1,6 +1,5 @@
 """finetune.py: the layer-decay rule, loading a pre-trained encoder, batch mixing, the recipes, and
 the script as a user runs it (a short real run, --eval-only, --resume, bad input)."""
-import json
 import os
 import re
 import subprocess
@@ -11,25 +10,14 @@ import pytest
 import torch
 
 import finetune
-from conftest import ROOT, run_script
+from conftest import ROOT, assert_one_line_error, read_log, run_script
 from finetune import build_batch_mixing, build_parser, layer_decay_groups, parse_rand_aug
 from pretrain_mae import mae_tiny
 from training import RunError, parse_args, set_lr
 from vit import load_pretrained, vit_tiny
 
 
-def read_log(folder):
-    return [json.loads(line) for line in (folder / 'log.jsonl').read_text().splitlines()]
 
-
-def assert_one_line_error(result, *fragments):
-    """Exit code 2, no traceback, and one line 'error: ...' last on stderr."""
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    errors = [line for line in lines if line.startswith('error: ')]
-    assert 'Traceback' not in result.stderr and errors == lines[-1:], result.stderr
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
 
 
 # -- layer-wise lr decay -------------------------------------------------------------------------

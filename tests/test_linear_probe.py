@@ -122,7 +122,7 @@ def test_a_run_stopped_after_a_checkpoint_resumes_to_the_same_log(fashion_folder
 
     def save_then_stop(path, **state):                          # a crash right after epoch 2's save
         save_checkpoint(path, **state)
-        if state['epoch'] == 2:
+        if state.get('epoch') == 2:
             raise KeyboardInterrupt
     monkeypatch.setattr(linear_probe, 'save_checkpoint', save_then_stop)
     with pytest.raises(KeyboardInterrupt):

@@ -1,26 +1,20 @@
 """pretrain_mae.py: the MAE model's pieces, and the training script as a user runs it."""
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
 
-import pytest
 import torch
-from einops import rearrange
 
-from conftest import ROOT, run_script
-from pretrain_mae import MAE, mae_tiny
+from conftest import ROOT, assert_one_line_error, read_log, run_script
+from pretrain_mae import mae_tiny
 from training import weight_decay_groups
 
 
 def small_mae(**kwargs):
     return mae_tiny(img_size=16, patch_size=4, **kwargs)            # 16 patches of 4 x 4 x 3
 
-
-def read_log(folder):
-    return [json.loads(line) for line in (folder / 'log.jsonl').read_text().splitlines()]
 
 
 # -- the model -----------------------------------------------------------------------------------
@@ -163,14 +157,6 @@ def test_ddp_with_two_cpu_processes(fashion_root, tmp_path):
 
 
 # -- bad input: one line, exit code 2, nothing written is lost ----------------------------------
-def assert_one_line_error(result, *fragments):
-    """Exit code 2, no traceback, and one line 'error: ...' last on stderr (after any progress bar)."""
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    errors = [line for line in lines if line.startswith('error: ')]
-    assert 'Traceback' not in result.stderr and errors == lines[-1:], result.stderr
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
 
 
 def test_image_size_not_divisible_by_patch(tmp_path):
