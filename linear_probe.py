@@ -25,6 +25,7 @@ protocol's number when comparing with the paper.
 """
 import argparse
 import hashlib
+import math
 import time
 
 import torch
@@ -33,8 +34,8 @@ import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from data import build_dataset, build_loader, eval_transform, finetune_transform
-from training import (Run, RunError, add_common_args, append_log, check_finite, load_resume_checkpoint,
+from data import DataError, build_dataset, build_loader, eval_transform, finetune_transform
+from training import (EpochProgress, Run, RunError, add_common_args, append_log, load_resume_checkpoint,
                       lr_at, no_sync_unless, parse_args, prepare_log, run_main, save_checkpoint,
                       seed_everything, set_lr)
 from vit import MODELS, load_pretrained, read_checkpoint
@@ -166,26 +167,29 @@ def cached_features(model, train_set, val_set, run, args):
     return cache
 
 
-def loader_order(num_images, seed, epoch):
-    """The order in which the training loader visits the images in `epoch` when run in one process
-    (its DistributedSampler's), so a cached run sees the very batches of the full protocol."""
-    sampler = DistributedSampler(range(num_images), num_replicas=1, rank=0, shuffle=True, seed=seed,
-                                 drop_last=True)
-    sampler.set_epoch(epoch)
-    return torch.tensor(list(sampler))
+class FeatureBatches:
+    """Mini-batches of cached features (N, D) and labels (N,), used like the image loader: len(),
+    iteration, sampler.set_epoch. Training visits them in the order of the image loader's sampler
+    without the last partial batch, so a cached run sees the very batches of the full protocol;
+    evaluation visits all, in turn."""
 
+    def __init__(self, features, labels, batch_size, train, seed=0):
+        if train and len(labels) < batch_size:
+            raise DataError(f"the training set has {len(labels)} images, fewer than one batch of "
+                            f"{batch_size}: lower --batch-size")
+        self.features, self.labels, self.batch_size, self.train = features, labels, batch_size, train
+        self.sampler = DistributedSampler(range(len(labels)), num_replicas=1, rank=0, shuffle=train,
+                                          seed=seed, drop_last=train)
 
-def feature_batches(features, labels, batch_size, order=None):
-    """Mini-batches of cached features (N, D) and labels (N,): in `order` without the last partial
-    batch, as the training loader does, or all in turn when `order` is None (evaluation)."""
-    if order is None:
-        order, stop = torch.arange(len(labels)), len(labels)
-    else:
-        stop = len(order) - len(order) % batch_size
-    order = order.to(labels.device)
-    for start in range(0, stop, batch_size):
-        idx = order[start:start + batch_size]
-        yield features[idx], labels[idx]                              # (B, D), (B,)
+    def __len__(self):
+        n = len(self.sampler)
+        return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
+
+    def __iter__(self):
+        order = torch.tensor(list(self.sampler), device=self.labels.device)
+        for step in range(len(self)):
+            idx = order[step * self.batch_size:(step + 1) * self.batch_size]
+            yield self.features[idx], self.labels[idx]                # (B, D), (B,)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -211,16 +215,15 @@ def build_parser():
     return parser
 
 
-def train_one_epoch(classifier, head, batches, steps, optimizer, epoch, run, args):
+def train_one_epoch(classifier, head, loader, optimizer, epoch, run, args):
     """One pass of head training with per-iteration lr, gradient accumulation and bf16 autocast.
-    `classifier` maps a batch of inputs (images, or cached features) to logits."""
+    `classifier` maps a batch of the loader's inputs (images, or cached features) to logits."""
     head.train()    # only the head's BatchNorm has a training mode; the encoder stays in eval
     optimizer.zero_grad(set_to_none=True)
-    totals = torch.zeros(2, device=run.device)          # loss sum, correct top-1
-    bar = tqdm(batches, total=steps, desc=f"epoch {epoch}", dynamic_ncols=True,
-               disable=not run.is_main or args.cached_features)
-    start, seen, lr = time.time(), 0, 0.0
-    for step, (inputs, labels) in enumerate(bar):
+    steps, lr = len(loader), 0.0
+    sums = {'loss': torch.zeros((), device=run.device), 'train_top1': torch.zeros((), device=run.device)}
+    progress = EpochProgress(loader, epoch, run)
+    for step, (inputs, labels) in enumerate(progress):
         if step % args.accum_iter == 0:
             lr = lr_at(epoch + step / steps, run.lr, args.min_lr, args.warmup_epochs, args.epochs)
             set_lr(optimizer, lr)
@@ -235,18 +238,10 @@ def train_one_epoch(classifier, head, batches, steps, optimizer, epoch, run, arg
         if ends_accumulation:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        totals += torch.stack([loss.detach(), (logits.argmax(1) == labels).sum().float()])
-        seen += len(labels)
-
-        if (step + 1) % 20 == 0 or step + 1 == steps:                 # the only host sync of the loop
-            mean_loss = totals[0].item() / (step + 1)
-            check_finite(mean_loss, epoch, step, run.output_dir)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}",
-                            img_s=f"{seen * run.world_size / (time.time() - start):.0f}")
-    elapsed = time.time() - start
-    return {'loss': run.mean_over_processes(totals[0].item() / steps), 'lr': lr,
-            'train_top1': run.mean_over_processes(100 * totals[1].item() / seen),
-            'img_per_s': seen * run.world_size / elapsed, 'epoch_time_s': elapsed}
+        sums['loss'] += loss.detach()
+        sums['train_top1'] += 100 * (logits.argmax(1) == labels).float().mean()   # batches are equal
+        progress.show(step, len(labels), sums, lr)
+    return progress.summary(sums, lr)
 
 
 @torch.no_grad()
@@ -312,34 +307,18 @@ def main(argv=None):
         # the encoder never runs again: the head alone is the classifier of cached features
         features = cached_features(model, train_set, val_set, run, args)
         classifier = run.wrap(model.head, args.compile)
-        steps = len(features['train_labels']) // args.batch_size
-        if steps == 0:
-            raise RunError(f"the training set has {len(train_set)} images, fewer than one batch of "
-                           f"{args.batch_size}: lower --batch-size")
-
-        def train_batches(epoch):
-            order = loader_order(len(features['train_labels']), args.seed, epoch)
-            return feature_batches(features['train'], features['train_labels'], args.batch_size, order)
-
-        def val_batches():
-            return feature_batches(features['val'], features['val_labels'], args.batch_size)
+        loader = FeatureBatches(features['train'], features['train_labels'], args.batch_size,
+                                train=True, seed=args.seed)
+        val_loader = FeatureBatches(features['val'], features['val_labels'], args.batch_size, train=False)
     else:
         classifier = run.wrap(model, args.compile)
         loader = build_loader(train_set, args.batch_size, train=True, num_workers=args.num_workers,
                               device=run.device, seed=args.seed, rank=run.rank,
                               world_size=run.world_size)
-        steps = len(loader)
-
-        def train_batches(epoch):
-            loader.sampler.set_epoch(epoch)
-            return loader
-
-        def val_batches():
-            return val_loader
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     run.announce(model, f" | frozen encoder {frozen / 1e6:.2f}M params, feature {args.feature}, "
                         f"{'cached features' if args.cached_features else 'full protocol'} | "
-                        f"{len(train_set)} images, {steps} steps/epoch")
+                        f"{len(train_set)} images, {len(loader)} steps/epoch")
     log = prepare_log(run.output_dir, start_epoch)
 
     # the loop --------------------------------------------------------------------------------------
@@ -347,9 +326,9 @@ def main(argv=None):
     save_every = max(1, args.epochs // 10) if args.cached_features else 1
     for epoch in range(start_epoch, args.epochs):
         seed_everything(args.seed, epoch, run.rank)
-        stats = train_one_epoch(classifier, model.head, train_batches(epoch), steps, optimizer, epoch,
-                                run, args)
-        stats.update(evaluate(classifier, model.head, val_batches(), run, args))
+        loader.sampler.set_epoch(epoch)
+        stats = train_one_epoch(classifier, model.head, loader, optimizer, epoch, run, args)
+        stats.update(evaluate(classifier, model.head, val_loader, run, args))
         if run.is_main:
             append_log(log, {'epoch': epoch, **stats})
             if (epoch + 1) % save_every == 0 or epoch + 1 == args.epochs:

@@ -1,6 +1,5 @@
 """linear_probe.py: LARS, the probe head, and the script on a small real image folder (Fashion-MNIST),
 for a random-init encoder and one pre-trained briefly with pretrain_mae.py."""
-import json
 import re
 
 import pytest
@@ -8,7 +7,7 @@ import torch
 
 import data
 import linear_probe
-from conftest import run_script
+from conftest import assert_one_line_error, read_log, run_script
 from linear_probe import LARS, probe_head
 from training import RunError, save_checkpoint
 from vit import encoder_state_dict, read_checkpoint
@@ -18,10 +17,6 @@ SMALL = ['--img-size', '16', '--patch-size', '4', '--num-workers', '0']
 # cached probe: 160 images at batch 32 are 5 steps an epoch, so LARS needs a large lr to get anywhere
 CACHED = [*SMALL, '--cached-features', '--batch-size', '32', '--lr', '4', '--epochs', '100',
           '--warmup-epochs', '10']
-
-
-def read_log(folder):
-    return [json.loads(line) for line in (folder / 'log.jsonl').read_text().splitlines()]
 
 
 def probe(folder, *args):
@@ -198,15 +193,13 @@ def test_avg_feature_uses_a_fresh_fc_norm_on_a_pretraining_checkpoint(fashion_fo
 def test_a_checkpoint_of_another_model_size_is_one_line(fashion_folder, mae_checkpoint, tmp_path):
     result = run_script('linear_probe.py', '--data', fashion_folder, *CACHED, '--model', 'vit_small',
                         '--init', mae_checkpoint, '--output-dir', tmp_path)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith('error: ') and 'does not fit' in lines[0], lines
+    assert_one_line_error(result, 'does not fit', 'dim=384')
 
 
-@pytest.mark.parametrize('args, message', [
-    (['--eval-only'], '--eval-only evaluates a probe checkpoint'),
-    (['--cached-features', '--batch-size', '512'], 'fewer than one batch'),
+@pytest.mark.parametrize('args, error, message', [
+    (['--eval-only'], RunError, '--eval-only evaluates a probe checkpoint'),
+    (['--cached-features', '--batch-size', '512'], data.DataError, 'fewer than one batch'),
 ])
-def test_bad_flags_are_reported(fashion_folder, tmp_path, args, message):
-    with pytest.raises(RunError, match=message):
+def test_bad_flags_are_reported(fashion_folder, tmp_path, args, error, message):
+    with pytest.raises(error, match=message):
         linear_probe.main(['--data', str(fashion_folder), *SMALL, *args, '--output-dir', str(tmp_path)])
