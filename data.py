@@ -209,13 +209,19 @@ def _build_full_dataset(data, root, train, transform, synthetic_size):
 # --------------------------------------------------------------------------------------------------
 # Loader
 # --------------------------------------------------------------------------------------------------
+def check_one_batch(num_images, batch_size, world_size):
+    """A training set must fill one batch on every process (the last partial batch is dropped)."""
+    if num_images < batch_size * world_size:
+        raise DataError(f"the training set has {num_images} images, fewer than one batch of "
+                        f"{batch_size} x {world_size} processes: lower --batch-size")
+
+
 def build_loader(dataset, batch_size, train, num_workers, device, seed=0, rank=0, world_size=1):
     """A DataLoader over this process's shard. The sampler's order is a function of (seed, epoch):
     call `loader.sampler.set_epoch(epoch)` before each epoch. Training drops the last partial batch;
     evaluation keeps it (under DDP the sampler pads the shard with a few repeated images)."""
-    if train and len(dataset) < batch_size * world_size:
-        raise DataError(f"the training set has {len(dataset)} images, fewer than one batch of "
-                        f"{batch_size} x {world_size} processes: lower --batch-size")
+    if train:
+        check_one_batch(len(dataset), batch_size, world_size)
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=train,
                                  seed=seed, drop_last=train)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
@@ -274,9 +280,8 @@ class DeviceLoader:
     the DataLoader of `build_loader`: len(), iteration over (images, labels), sampler.set_epoch."""
 
     def __init__(self, images, labels, batch_size, train, min_scale=0.08, seed=0, rank=0, world_size=1):
-        if train and len(images) < batch_size * world_size:
-            raise DataError(f"the training set has {len(images)} images, fewer than one batch of "
-                            f"{batch_size} x {world_size} processes: lower --batch-size")
+        if train:
+            check_one_batch(len(images), batch_size, world_size)
         self.images, self.labels, self.batch_size, self.train = images, labels, batch_size, train
         self.min_scale = min_scale
         self.sampler = DistributedSampler(range(len(images)), num_replicas=world_size, rank=rank,

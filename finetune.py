@@ -227,9 +227,7 @@ def load_init(model, path, eval_only, run):
     """Load --init and say what was loaded and what starts fresh. Evaluating needs the head too."""
     report = load_pretrained(model, path)
     if run.is_main:
-        print(f"init from {path}: {len(report.loaded)} tensors loaded; "
-              f"new: {', '.join(report.new) or 'none'}; "
-              f"ignored: {', '.join(report.ignored) or 'none'}", flush=True)
+        print(f"init from {path}: {report.summary()}", flush=True)
     if eval_only and report.new:
         raise RunError(f"--eval-only needs a fine-tuned checkpoint with a head for "
                        f"{model.num_classes} classes, but {path} lacks {', '.join(report.new)}: "

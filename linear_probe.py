@@ -97,11 +97,6 @@ def probe_head(dim, num_classes):
     return nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), linear)
 
 
-def module_names(keys):
-    """['fc_norm.weight', 'fc_norm.bias', 'head.weight'] -> 'fc_norm, head', for one-line reports."""
-    return ', '.join(sorted({key.split('.')[0] for key in keys})) or 'none'
-
-
 def build_probe(args, num_classes, run):
     """A VisionTransformer with the --init encoder (or a random one), frozen and in eval mode, and a
     probe head. --feature avg builds the global-pool layout, so the feature is fc_norm(mean of patch
@@ -111,8 +106,7 @@ def build_probe(args, num_classes, run):
     if args.init and not args.resume:      # a resumed run's checkpoint holds the encoder already
         report = load_pretrained(model, args.init, allow_new=('head.', 'fc_norm.', 'norm.'))
         if run.is_main:
-            print(f"init from {args.init}: {len(report.loaded)} tensors loaded, new: "
-                  f"{module_names(report.new)}, ignored: {module_names(report.ignored)}")
+            print(f"init from {args.init}: {report.summary()}")
     elif not args.init and run.is_main:
         print("no --init: probing a randomly initialised encoder (the baseline)")
     model.head = probe_head(model.embed_dim, num_classes)

@@ -243,8 +243,7 @@ def main(argv=None):
     if args.init:
         report = load_pretrained(student, args.init, allow_new=('decoder', 'mask_token'))
         if run.is_main:
-            print(f"init from {args.init}: {len(report.loaded)} tensors loaded, new: "
-                  f"{', '.join(sorted({k.split('.')[0] for k in report.new})) or 'none'}")
+            print(f"init from {args.init}: {report.summary()}")
     teacher = build_teacher(args.teacher_model, args.teacher, args.img_size, args.patch_size)
     attn_pairs = layer_pairs(args.distill_layers, student.depth, teacher.depth)
     hidden_pairs = layer_pairs(args.distill_hidden, student.depth, teacher.depth, hidden=True)

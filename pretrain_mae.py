@@ -312,8 +312,7 @@ def main(argv=None):
     if args.init:
         report = load_pretrained(model, args.init, allow_new=('decoder', 'mask_token'))
         if run.is_main:
-            print(f"init from {args.init}: {len(report.loaded)} tensors loaded, new: "
-                  f"{', '.join(sorted({k.split('.')[0] for k in report.new})) or 'none'}")
+            print(f"init from {args.init}: {report.summary()}")
     optimizer = adamw(weight_decay_groups(model, args.weight_decay), run.lr, (0.9, 0.95), run.device)
     start_epoch = 0
     if args.resume:

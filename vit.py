@@ -285,6 +285,11 @@ class LoadReport(NamedTuple):
     new: list       # keys of the model the checkpoint did not have (kept at their initial value)
     ignored: list   # keys of the checkpoint the model has no place for
 
+    def summary(self):
+        """One line for the run's log: what was loaded, what starts fresh, what was left out."""
+        return (f"{len(self.loaded)} tensors loaded; new: {', '.join(self.new) or 'none'}; "
+                f"ignored: {', '.join(self.ignored) or 'none'}")
+
 
 def load_pretrained(model, path, allow_new=('head.', 'fc_norm.')):
     """Load the encoder weights of the checkpoint at `path` into `model` (a VisionTransformer or a
