@@ -175,7 +175,8 @@ class Run:
         """The one line a run starts with."""
         params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         if self.is_main:
-            print(f"device {self.device} x {self.world_size} | {params / 1e6:.2f}M trainable params | "
+            print(f"device {self.device} x {self.world_size} | "
+                  f"{f'{params / 1e6:.2f}M' if params >= 100_000 else f'{params:,}'} trainable params | "
                   f"effective batch {self.effective_batch} | lr {self.lr:.3g} | "
                   f"output {self.output_dir}{extra}", flush=True)
 
