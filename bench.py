@@ -2,11 +2,13 @@
 
 For each stage (MAE, D-MAE, fine-tune, linear probe) and each of eager / torch.compile x fp32 / bf16
 autocast: images per second, peak memory, the achieved GFLOP/s (FLOPs of forward + backward counted
-with torch.utils.flop_counter, attention included) and its share of the device's peak (a large fp32
-matmul measured on CPU; the datasheet dense bf16 peak on CUDA, i.e. MFU). Then the data path alone
+with torch.utils.flop_counter, attention included) and its share of the device's peak (on CPU a
+2048 x 2048 matmul measured in the row's precision; on CUDA the datasheet dense bf16 peak, i.e. MFU). Then the data path alone
 (the per-image DataLoader and the in-memory --data-on-device loader) and the MAE step fed by the
-in-memory loader vs by one pre-made batch. Each configuration runs in a fresh process, so peak
-memory and compile caches do not leak between rows. Prints one markdown table and its command.
+in-memory loader vs by one pre-made batch. The `timm_ref` row is the yardstick: the same MAE with
+every transformer block replaced by timm's `Block` (needs `pip install timm`; not a dependency of the
+project). Each configuration runs in a fresh process, so peak memory and compile caches do not leak
+between rows. Prints one markdown table and its command.
 
     python bench.py                                    # MAE-Tiny at 224 px, batch 32
     python bench.py --img-size 32 --patch-size 4 --batch-size 256 --stages mae data   # quick recipe
@@ -19,17 +21,38 @@ import sys
 import time
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 # dense bf16 tensor-core peaks from the datasheets, TFLOP/s; matched against the device name
 CUDA_BF16_PEAK_TFLOPS = {'H100': 989, 'A100': 312, 'L40S': 362, 'L4': 121, 'A10': 125,
                          'RTX 4090': 165, 'RTX 3090': 71, 'V100': 125, 'T4': 65}
-STAGES = ('mae', 'dmae', 'finetune', 'probe', 'data')
+STAGES = ('timm_ref', 'mae', 'dmae', 'finetune', 'probe', 'data')
 
 
 # --------------------------------------------------------------------------------------------------
 # One training step per stage, on a fixed random batch
 # --------------------------------------------------------------------------------------------------
+class TimmBlock(nn.Module):
+    """timm's transformer Block behind our Block's interface, for the `timm_ref` yardstick."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        from timm.models.vision_transformer import Block
+        self.block = Block(dim, num_heads, mlp_ratio=4.0, qkv_bias=True)
+
+    def forward(self, x, return_attn_logits=False):
+        return self.block(x), None
+
+
+def with_timm_blocks(mae):
+    """The same MAE, every encoder and decoder block rebuilt from timm's Block."""
+    decoder_dim, decoder_heads = mae.decoder_embed.out_features, mae.decoder_blocks[0].attn.num_heads
+    mae.blocks = nn.ModuleList(TimmBlock(mae.embed_dim, mae.num_heads) for _ in mae.blocks)
+    mae.decoder_blocks = nn.ModuleList(TimmBlock(decoder_dim, decoder_heads) for _ in mae.decoder_blocks)
+    return mae
+
+
 def build_step(stage, args, device):
     """-> step(imgs, labels), the trainable module, a batch (imgs, labels)."""
     from finetune import layer_decay_groups
@@ -42,8 +65,9 @@ def build_step(stage, args, device):
     size = dict(img_size=args.img_size, patch_size=args.patch_size)
     imgs = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     labels = torch.randint(0, 1000, (args.batch_size,), device=device)
-    if stage == 'mae':
-        model = MAES[args.model](**size).to(device)
+    if stage in ('mae', 'timm_ref'):
+        model = MAES[args.model](**size)
+        model = (with_timm_blocks(model) if stage == 'timm_ref' else model).to(device)
         optimizer = adamw(weight_decay_groups(model, 0.05), 1e-4, (0.9, 0.95), device)
         loss_of = lambda m, x, y: m(x)[0]
     elif stage == 'dmae':
@@ -89,15 +113,21 @@ def count_flops(step, batch):
     return counter.get_total_flops()
 
 
-def seconds_per_call(fn, iters, warmup, device):
+def seconds_per_call(fn, iters, warmup, device, chunks=5):
+    """Mean seconds per call within each of `chunks` runs of iters / chunks calls; the median chunk,
+    so that a one-off stall (another process, a page fault) does not move the figure."""
     for _ in range(warmup):
         fn()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    sync(device)
-    return (time.perf_counter() - start) / iters
+    per_chunk = max(1, iters // chunks)
+    times = []
+    for _ in range(chunks):
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(per_chunk):
+            fn()
+        sync(device)
+        times.append((time.perf_counter() - start) / per_chunk)
+    return sorted(times)[len(times) // 2]
 
 
 def sync(device):
@@ -106,14 +136,17 @@ def sync(device):
 
 
 def peak_flops(device):
-    """CPU: a measured 2048 x 2048 fp32 matmul; CUDA: the datasheet dense bf16 peak, if known."""
+    """{precision: FLOP/s}. CPU: a measured 2048 x 2048 matmul in each precision; CUDA: the datasheet
+    dense bf16 peak for both (the usual MFU), if the device is known."""
     if device.type == 'cuda':
         name = torch.cuda.get_device_name(device)
-        known = [v for k, v in CUDA_BF16_PEAK_TFLOPS.items() if k in name]
-        return (known[0] * 1e12 if known else None), f"{name} datasheet bf16"
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    seconds = seconds_per_call(lambda: a @ b, iters=20, warmup=3, device=device)
-    return 2 * 2048 ** 3 / seconds, 'measured 2048^2 fp32 matmul'
+        known = [v * 1e12 for k, v in CUDA_BF16_PEAK_TFLOPS.items() if k in name]
+        return dict.fromkeys(('fp32', 'bf16'), known[0] if known else None), f"{name} datasheet bf16"
+    peaks = {}
+    for precision, dtype in (('fp32', torch.float32), ('bf16', torch.bfloat16)):
+        a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+        peaks[precision] = 2 * 2048 ** 3 / seconds_per_call(lambda: a @ b, iters=20, warmup=3, device=device)
+    return peaks, 'measured 2048^2 matmuls'
 
 
 def peak_memory_mb(device):
@@ -137,12 +170,14 @@ def measure_stage(stage, compile, amp, args, device):
 def measure_data(kind, args, device):
     """The data path alone (img/s of batches), or the MAE step fed by the in-memory loader."""
     from data import DeviceLoader, build_dataset, build_loader, decode_to_tensor, pretrain_transform
+    subset = args.batch_size * (args.iters + args.warmup + 2)    # enough images for the timed batches
     if kind == 'dataloader':
         dataset, _ = build_dataset(args.data, args.data_root, True, pretrain_transform(args.img_size),
-                                   synthetic_size=args.img_size)
+                                   synthetic_size=args.img_size, subset=subset)
         loader = build_loader(dataset, args.batch_size, True, args.num_workers, device)
     else:
-        images, labels, _ = decode_to_tensor(args.data, args.data_root, True, args.img_size, device=device)
+        images, labels, _ = decode_to_tensor(args.data, args.data_root, True, args.img_size, subset=subset,
+                                             device=device)
         loader = DeviceLoader(images, labels, args.batch_size, train=True)
     batches = iter(loader)
     next(batches)                                             # workers started, first batch made
@@ -179,7 +214,8 @@ def rows_for(args):
         if stage == 'data':
             rows += ['dataloader::', 'device_loader::', 'mae+batch::', 'mae+device_loader::']
             continue
-        for compile in ('eager', 'compile') if args.compile_modes else ('eager',):
+        compiles = ('eager', 'compile') if args.compile_modes and stage != 'timm_ref' else ('eager',)
+        for compile in compiles:
             for amp in args.precisions:
                 rows.append(f'{stage}:{compile}:{amp}')
     return rows
@@ -198,7 +234,8 @@ def main():
                         help='fp32, and bf16 autocast (slow on CPUs without bf16 units)')
     parser.add_argument('--compile-modes', action=argparse.BooleanOptionalAction, default=True,
                         help='also measure with torch.compile')
-    parser.add_argument('--iters', type=int, default=10, help='timed steps per row')
+    parser.add_argument('--iters', type=int, default=20,
+                        help='timed steps per row (5 chunks; the median chunk counts)')
     parser.add_argument('--warmup', type=int, default=3, help='untimed steps first (+3 when compiled)')
     parser.add_argument('--data', default='fashion_mnist', help='data set of the data-path rows')
     parser.add_argument('--data-root', default='data')
@@ -209,12 +246,12 @@ def main():
     if args.row:
         return run_row(args)
 
-    torch.set_num_threads(torch.get_num_threads())
-    peak, peak_source = peak_flops(torch.device(args.device))
+    peaks, peak_source = peak_flops(torch.device(args.device))
     command = ' '.join(['python', *sys.argv])
     print(f"$ {command}\n{args.model} {args.img_size}px patch {args.patch_size}, batch {args.batch_size}, "
-          f"{args.device} ({torch.get_num_threads()} threads); peak "
-          f"{peak / 1e9 if peak else float('nan'):.0f} GFLOP/s ({peak_source})\n")
+          f"{args.device} ({torch.get_num_threads()} threads); peak GFLOP/s "
+          f"{', '.join(f'{k} {v / 1e9:.0f}' for k, v in peaks.items() if v) or 'unknown'} ({peak_source}); "
+          f"'of peak' compares a row with the peak of its precision (data rows: fp32)\n")
     print("| step | compile | precision | img/s | GFLOP/img | GFLOP/s | of peak | peak mem MB |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
     for row in rows_for(args):
@@ -227,6 +264,7 @@ def main():
             continue
         r = json.loads(result.stdout.strip().splitlines()[-1])
         gflops = r.get('gflop_per_s')
+        peak = peaks[amp or 'fp32']
         share = f"{gflops * 1e9 / peak:.0%}" if gflops and peak else '-'
         per_img = f"{r['gflop_per_img']:.2f}" if 'gflop_per_img' in r else '-'
         print(f"| {stage} | {compile or '-'} | {amp or '-'} | {r['img_per_s']:.1f} | {per_img} | "

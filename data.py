@@ -279,11 +279,16 @@ class DeviceLoader:
     """Batches of a decoded data set, sliced, augmented and normalised on its device. Behaves like
     the DataLoader of `build_loader`: len(), iteration over (images, labels), sampler.set_epoch."""
 
-    def __init__(self, images, labels, batch_size, train, min_scale=0.08, seed=0, rank=0, world_size=1):
+    def __init__(self, images, labels, batch_size, train, min_scale=0.08, rand_aug=None, reprob=0.0,
+                 seed=0, rank=0, world_size=1):
         if train:
             check_one_batch(len(images), batch_size, world_size)
         self.images, self.labels, self.batch_size, self.train = images, labels, batch_size, train
         self.min_scale = min_scale
+        # fine-tuning's RandAugment and random erasing: a v2 transform draws one choice per call, so
+        # these run image by image (still on the device) to keep the randomness per image
+        self.rand_aug = RandAugmentWithStd(*rand_aug) if train and rand_aug else None
+        self.erase = v2.RandomErasing(p=reprob, value='random') if train and reprob > 0 else None
         self.sampler = DistributedSampler(range(len(images)), num_replicas=world_size, rank=rank,
                                           shuffle=train, seed=seed, drop_last=train)
         device = images.device
@@ -301,4 +306,9 @@ class DeviceLoader:
             imgs = self.images[idx].float() / 255                           # (B, 3, S, S)
             if self.train:
                 imgs = batched_resized_crop_flip(imgs, imgs.shape[-1], self.min_scale).clamp(0, 1)
-            yield (imgs - self.mean) / self.std, self.labels[idx]
+            if self.rand_aug:
+                imgs = torch.stack([self.rand_aug(img) for img in imgs])
+            imgs = (imgs - self.mean) / self.std
+            if self.erase:
+                imgs = torch.stack([self.erase(img) for img in imgs])
+            yield imgs, self.labels[idx]

@@ -207,13 +207,14 @@ def build_val_loader(args, run):
 
 
 def build_train_loader(args, run, rand_aug):
-    """-> (loader, images, classes) of the training set with the per-image augmentation; the
-    in-memory path (--data-on-device) has RandomResizedCrop + flip only."""
+    """-> (loader, images, classes) of the training set with the fine-tuning augmentation (per image,
+    or on the device in batches with --data-on-device)."""
     if args.data_on_device:
         images, labels, num_classes = decode_to_tensor(args.data, args.data_root, True, args.img_size,
                                                        subset=args.subset, device=run.device)
         loader = DeviceLoader(images, labels, args.batch_size, train=True, min_scale=args.min_crop_scale,
-                              seed=args.seed, rank=run.rank, world_size=run.world_size)
+                              rand_aug=rand_aug, reprob=args.reprob, seed=args.seed, rank=run.rank,
+                              world_size=run.world_size)
         return loader, len(images), num_classes
     dataset, num_classes = build_dataset(
         args.data, args.data_root, train=True, synthetic_size=args.img_size, subset=args.subset,
@@ -241,9 +242,6 @@ def main(argv=None):
         raise RunError(f"--layer-decay must be in (0, 1], got {args.layer_decay}")
     if args.eval_only and not args.init:
         raise RunError("--eval-only evaluates the weights given by --init: pass a fine-tuned checkpoint")
-    if args.data_on_device and (rand_aug or args.reprob > 0) and not args.eval_only:
-        raise RunError("--data-on-device augments with RandomResizedCrop + flip only: add "
-                       "--rand-aug none --reprob 0, or drop --data-on-device")
     run = Run(args)
     seed_everything(args.seed)
 

@@ -88,3 +88,21 @@ def test_a_training_set_smaller_than_one_batch_is_refused():
     dataset = data.SyntheticImages(10)
     with pytest.raises(DataError, match='fewer than one batch'):
         data.build_loader(dataset, 16, train=True, num_workers=0, device=torch.device('cpu'))
+
+
+def test_device_loader_draws_rand_augment_and_erasing_per_image(monkeypatch):
+    """On the in-memory path RandAugment and random erasing run image by image, so 16 copies of one
+    image come out 16 different ways, as from the per-image pipeline (the batched crop is switched off
+    here to see them alone)."""
+    monkeypatch.setattr(data, 'batched_resized_crop_flip', lambda imgs, size, min_scale: imgs)
+    image = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8).expand(16, -1, -1, -1)
+    labels = torch.zeros(16, dtype=torch.long)
+
+    def distinct_images(**augment):
+        imgs, _ = next(iter(data.DeviceLoader(image, labels, 16, train=True, **augment)))
+        assert imgs.shape == (16, 3, 32, 32) and imgs.isfinite().all()
+        return len(torch.unique(imgs.flatten(1), dim=0))
+
+    assert distinct_images() == 1
+    assert distinct_images(rand_aug=(2, 9, 0.5)) >= 8            # 2 of 14 ops, magnitudes around 9
+    assert distinct_images(reprob=1.0) == 16                      # a random box of noise in each

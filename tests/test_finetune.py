@@ -274,13 +274,11 @@ def test_data_on_device_evaluates_like_the_image_pipeline(finetuned, fashion_fol
     assert abs(top1 - read_log(out)[best['epoch']]['val_top1']) <= 5.0
 
 
-def test_data_on_device_trains_with_batch_mixing(fashion_folder, tmp_path):
+def test_data_on_device_trains_with_the_full_augmentation(fashion_folder, tmp_path):
     data = small_folder(fashion_folder, tmp_path / 'data', {'train': 8, 'val': 4})
-    args = ['--data', str(data), *TINY, '--epochs', '1', '--warmup-epochs', '0', '--mixup', '0.8',
-            '--data-on-device', '--output-dir', str(tmp_path / 'out')]
-    with pytest.raises(RunError, match='--rand-aug none --reprob 0'):
-        finetune.main(args)                                         # RandAugment is per image
-    finetune.main([*args, '--rand-aug', 'none'])
+    finetune.main(['--data', str(data), *TINY, '--epochs', '1', '--warmup-epochs', '0', '--mixup', '0.8',
+                   '--rand-aug', 'm9-mstd0.5', '--reprob', '0.25', '--data-on-device',
+                   '--output-dir', str(tmp_path / 'out')])
     (line,) = read_log(tmp_path / 'out')
     assert 1.0 < line['loss'] < 2.0 and line['val_top1'] % 6.25 == 0   # 16 val images
 
