@@ -3,15 +3,17 @@
 For each stage (MAE, D-MAE, fine-tune, linear probe) and each of eager / torch.compile x fp32 / bf16
 autocast: images per second, peak memory, the achieved GFLOP/s (FLOPs of forward + backward counted
 with torch.utils.flop_counter, attention included) and its share of the device's peak (on CPU a
-2048 x 2048 matmul measured in the row's precision; on CUDA the datasheet dense bf16 peak, i.e. MFU). Then the data path alone
-(the per-image DataLoader and the in-memory --data-on-device loader) and the MAE step fed by the
-in-memory loader vs by one pre-made batch. The `timm_ref` row is the yardstick: the same MAE with
-every transformer block replaced by timm's `Block` (needs `pip install timm`; not a dependency of the
-project). Each configuration runs in a fresh process, so peak memory and compile caches do not leak
-between rows. Prints one markdown table and its command.
+2048 x 2048 matmul measured in the row's precision; on CUDA the datasheet dense bf16 peak, i.e. MFU).
+Then the data path alone (the per-image DataLoader and the in-memory --data-on-device loader) and the
+MAE step fed by the in-memory loader vs by one pre-made batch. The `timm_ref` row is the yardstick:
+the same MAE with every transformer block replaced by timm's `Block` (needs `pip install timm`; not a
+dependency of the project). Each row runs in a fresh process, so peak memory and compile caches do
+not leak between rows; `--rounds N` measures every row N times, round-robin, and keeps the median.
+Prints one markdown table and its command.
 
-    python bench.py                                    # MAE-Tiny at 224 px, batch 32
-    python bench.py --img-size 32 --patch-size 4 --batch-size 256 --stages mae data   # quick recipe
+    python bench.py                                    # every stage: MAE-Tiny at 224 px, batch 32
+    python bench.py --stages timm_ref mae --precisions fp32 --rounds 5    # the eager vs compile question
+    python bench.py --img-size 32 --patch-size 4 --batch-size 128 --stages mae data   # quick recipe
 """
 import argparse
 import json
@@ -237,6 +239,9 @@ def main():
     parser.add_argument('--iters', type=int, default=20,
                         help='timed steps per row (5 chunks; the median chunk counts)')
     parser.add_argument('--warmup', type=int, default=3, help='untimed steps first (+3 when compiled)')
+    parser.add_argument('--rounds', type=int, default=1,
+                        help='measure every row this many times, round-robin, and show the median round '
+                             '(to compare rows on a machine whose speed drifts)')
     parser.add_argument('--data', default='fashion_mnist', help='data set of the data-path rows')
     parser.add_argument('--data-root', default='data')
     parser.add_argument('--num-workers', type=int, default=2)
@@ -254,22 +259,40 @@ def main():
           f"'of peak' compares a row with the peak of its precision (data rows: fp32)\n")
     print("| step | compile | precision | img/s | GFLOP/img | GFLOP/s | of peak | peak mem MB |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
-    for row in rows_for(args):
-        result = subprocess.run([sys.executable, __file__, *sys.argv[1:], '--row', row],
-                                capture_output=True, text=True)
-        stage, compile, amp = row.split(':')
-        if result.returncode != 0:
-            reason = (result.stderr.strip().splitlines() or ['failed'])[-1][:80]
-            print(f"| {stage} | {compile or '-'} | {amp or '-'} | failed: {reason} |||||", flush=True)
-            continue
-        r = json.loads(result.stdout.strip().splitlines()[-1])
-        gflops = r.get('gflop_per_s')
-        peak = peaks[amp or 'fp32']
-        share = f"{gflops * 1e9 / peak:.0%}" if gflops and peak else '-'
-        per_img = f"{r['gflop_per_img']:.2f}" if 'gflop_per_img' in r else '-'
-        print(f"| {stage} | {compile or '-'} | {amp or '-'} | {r['img_per_s']:.1f} | {per_img} | "
-              f"{f'{gflops:.0f}' if gflops else '-'} | {share} | {r['peak_mem_mb']:.0f} |", flush=True)
+    rows = rows_for(args)
+    results = {row: [] for row in rows}
+    for round_ in range(args.rounds):        # every row once per round, so slow drift hits all rows
+        for row in rows:
+            results[row].append(measure_row(row))
+            if round_ == args.rounds - 1:
+                print_row(row, median_round(results[row]), peaks)
 
+
+def measure_row(row):
+    """One row in a fresh process -> its result, or {'failed': the last line of its error}."""
+    result = subprocess.run([sys.executable, __file__, *sys.argv[1:], '--row', row],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        return {'failed': (result.stderr.strip().splitlines() or ['failed'])[-1][:80]}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def median_round(results):
+    """The round with the median img/s, so that a row's figures all come from one measurement."""
+    measured = sorted((r for r in results if 'failed' not in r), key=lambda r: r['img_per_s'])
+    return measured[len(measured) // 2] if measured else results[-1]
+
+
+def print_row(row, r, peaks):
+    stage, compile, amp = row.split(':')
+    if 'failed' in r:
+        print(f"| {stage} | {compile or '-'} | {amp or '-'} | failed: {r['failed']} |||||", flush=True)
+        return
+    gflops, peak = r.get('gflop_per_s'), peaks[amp or 'fp32']
+    share = f"{gflops * 1e9 / peak:.0%}" if gflops and peak else '-'
+    per_img = f"{r['gflop_per_img']:.2f}" if 'gflop_per_img' in r else '-'
+    print(f"| {stage} | {compile or '-'} | {amp or '-'} | {r['img_per_s']:.1f} | {per_img} | "
+          f"{f'{gflops:.0f}' if gflops else '-'} | {share} | {r['peak_mem_mb']:.0f} |", flush=True)
 
 if __name__ == '__main__':
     main()

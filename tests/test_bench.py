@@ -45,3 +45,10 @@ def test_one_run_prints_its_command_and_one_table(fashion_root):
                           ('device_loader', '-', '-'), ('mae+batch', '-', '-'), ('mae+device_loader', '-', '-')]
     assert all(float(cells[0]) > 0 for cells in rows.values())                     # img/s
     assert rows['mae', 'eager', 'fp32'][1] == f"{mae_step_flops(1, 16, 4) / 1e9:.2f}"   # GFLOP/img
+
+
+def test_rounds_keep_the_median_measurement_whole():
+    rounds = [{'img_per_s': 30.0, 'peak_mem_mb': 1}, {'failed': 'killed'}, {'img_per_s': 10.0, 'peak_mem_mb': 2},
+              {'img_per_s': 20.0, 'peak_mem_mb': 3}]
+    assert bench.median_round(rounds) == {'img_per_s': 20.0, 'peak_mem_mb': 3}
+    assert bench.median_round([{'failed': 'no timm'}]) == {'failed': 'no timm'}
