@@ -275,35 +275,51 @@ def batched_resized_crop_flip(imgs, size, min_scale=0.08, ratio=(3 / 4, 4 / 3)):
     return F.grid_sample(imgs, grid, mode='bicubic', padding_mode='border', align_corners=False)
 
 
-class DeviceLoader:
-    """Batches of a decoded data set, sliced, augmented and normalised on its device. Behaves like
-    the DataLoader of `build_loader`: len(), iteration over (images, labels), sampler.set_epoch."""
+class TensorBatches:
+    """Mini-batches of tensors already in memory, inputs (N, ...) and labels (N,), used like the
+    DataLoader of `build_loader`: len(), iteration over (inputs, labels), sampler.set_epoch. Training
+    visits this process's shard in its DistributedSampler's order without the last partial batch, as
+    the DataLoader does; evaluation visits all, in turn."""
 
-    def __init__(self, images, labels, batch_size, train, min_scale=0.08, rand_aug=None, reprob=0.0,
-                 seed=0, rank=0, world_size=1):
+    def __init__(self, inputs, labels, batch_size, train, seed=0, rank=0, world_size=1):
         if train:
-            check_one_batch(len(images), batch_size, world_size)
-        self.images, self.labels, self.batch_size, self.train = images, labels, batch_size, train
-        self.min_scale = min_scale
-        # fine-tuning's RandAugment and random erasing: a v2 transform draws one choice per call, so
-        # these run image by image (still on the device) to keep the randomness per image
-        self.rand_aug = RandAugmentWithStd(*rand_aug) if train and rand_aug else None
-        self.erase = v2.RandomErasing(p=reprob, value='random') if train and reprob > 0 else None
-        self.sampler = DistributedSampler(range(len(images)), num_replicas=world_size, rank=rank,
+            check_one_batch(len(labels), batch_size, world_size)
+        self.inputs, self.labels, self.batch_size, self.train = inputs, labels, batch_size, train
+        self.sampler = DistributedSampler(range(len(labels)), num_replicas=world_size, rank=rank,
                                           shuffle=train, seed=seed, drop_last=train)
-        device = images.device
-        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
 
     def __len__(self):
         n = len(self.sampler)
         return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
 
-    def __iter__(self):
-        order = torch.tensor(list(self.sampler), device=self.images.device)
+    def batch_indices(self):
+        order = torch.tensor(list(self.sampler), device=self.labels.device)
         for step in range(len(self)):
-            idx = order[step * self.batch_size:(step + 1) * self.batch_size]
-            imgs = self.images[idx].float() / 255                           # (B, 3, S, S)
+            yield order[step * self.batch_size:(step + 1) * self.batch_size]
+
+    def __iter__(self):
+        for idx in self.batch_indices():
+            yield self.inputs[idx], self.labels[idx]
+
+
+class DeviceLoader(TensorBatches):
+    """Batches of a decoded data set (uint8 images (N, 3, S, S)), sliced, augmented and normalised on
+    its device."""
+
+    def __init__(self, images, labels, batch_size, train, min_scale=0.08, rand_aug=None, reprob=0.0,
+                 seed=0, rank=0, world_size=1):
+        super().__init__(images, labels, batch_size, train, seed, rank, world_size)
+        self.min_scale = min_scale
+        # fine-tuning's RandAugment and random erasing: a v2 transform draws one choice per call, so
+        # these run image by image (still on the device) to keep the randomness per image
+        self.rand_aug = RandAugmentWithStd(*rand_aug) if train and rand_aug else None
+        self.erase = v2.RandomErasing(p=reprob, value='random') if train and reprob > 0 else None
+        self.mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+
+    def __iter__(self):
+        for idx in self.batch_indices():
+            imgs = self.inputs[idx].float() / 255                           # (B, 3, S, S)
             if self.train:
                 imgs = batched_resized_crop_flip(imgs, imgs.shape[-1], self.min_scale).clamp(0, 1)
             if self.rand_aug:

@@ -30,16 +30,14 @@ mode as a cheap ranking of encoders; report the full protocol's number when comp
 """
 import argparse
 import hashlib
-import math
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from data import DataError, build_dataset, build_loader, eval_transform, finetune_transform
+from data import TensorBatches, build_dataset, build_loader, eval_transform, finetune_transform
 from training import (EpochProgress, Run, RunError, add_common_args, append_log, load_resume_checkpoint,
                       lr_at, no_sync_unless, parse_args, prepare_log, run_main, save_checkpoint,
                       seed_everything, set_lr)
@@ -166,31 +164,6 @@ def cached_features(model, train_set, val_set, run, args):
     return cache
 
 
-class FeatureBatches:
-    """Mini-batches of cached features (N, D) and labels (N,), used like the image loader: len(),
-    iteration, sampler.set_epoch. Training visits them in the order of the image loader's sampler
-    without the last partial batch, so a cached run sees the very batches of the full protocol;
-    evaluation visits all, in turn."""
-
-    def __init__(self, features, labels, batch_size, train, seed=0):
-        if train and len(labels) < batch_size:
-            raise DataError(f"the training set has {len(labels)} images, fewer than one batch of "
-                            f"{batch_size}: lower --batch-size")
-        self.features, self.labels, self.batch_size, self.train = features, labels, batch_size, train
-        self.sampler = DistributedSampler(range(len(labels)), num_replicas=1, rank=0, shuffle=train,
-                                          seed=seed, drop_last=train)
-
-    def __len__(self):
-        n = len(self.sampler)
-        return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
-
-    def __iter__(self):
-        order = torch.tensor(list(self.sampler), device=self.labels.device)
-        for step in range(len(self)):
-            idx = order[step * self.batch_size:(step + 1) * self.batch_size]
-            yield self.features[idx], self.labels[idx]                # (B, D), (B,)
-
-
 # --------------------------------------------------------------------------------------------------
 # Training and evaluation
 # --------------------------------------------------------------------------------------------------
@@ -303,12 +276,13 @@ def main(argv=None):
         return
 
     if args.cached_features:
-        # the encoder never runs again: the head alone is the classifier of cached features
+        # the encoder never runs again: the head alone is the classifier of cached features, fed in
+        # the image loader's sampler order, so it sees the very batches of the full protocol
         features = cached_features(model, train_set, val_set, run, args)
         classifier = run.wrap(model.head, args.compile)
-        loader = FeatureBatches(features['train'], features['train_labels'], args.batch_size,
-                                train=True, seed=args.seed)
-        val_loader = FeatureBatches(features['val'], features['val_labels'], args.batch_size, train=False)
+        loader = TensorBatches(features['train'], features['train_labels'], args.batch_size,
+                               train=True, seed=args.seed)
+        val_loader = TensorBatches(features['val'], features['val_labels'], args.batch_size, train=False)
     else:
         classifier = run.wrap(model, args.compile)
         loader = build_loader(train_set, args.batch_size, train=True, num_workers=args.num_workers,
