@@ -36,9 +36,16 @@ class PatchEmbed(nn.Module):
         self.num_patches = self.grid_size ** 2
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
-    def forward(self, imgs):
-        x = self.proj(imgs)                                # (B, D, H/p, W/p)
-        return rearrange(x, 'b d h w -> b (h w) d')        # (B, L, D)
+    def forward(self, imgs, visible_idx=None):
+        """(B, C, H, W) -> (B, L, D) tokens, or (B, N, D) for only the patches in visible_idx (B, N):
+        those are cut out first and projected by the conv's weight as a Linear, 4x fewer FLOPs at
+        MAE's 75% masking."""
+        if visible_idx is None:
+            return rearrange(self.proj(imgs), 'b d h w -> b (h w) d')
+        p = self.patch_size
+        patches = rearrange(imgs, 'b c (h p1) (w p2) -> b (h w) (c p1 p2)', p1=p, p2=p)  # (B, L, C*p*p)
+        patches = torch.gather(patches, 1, repeat(visible_idx, 'b n -> b n k', k=patches.shape[-1]))
+        return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)           # (B, N, D)
 
 
 class Attention(nn.Module):
@@ -170,9 +177,10 @@ class VisionTransformer(nn.Module):
     def embed(self, imgs, visible_idx=None):
         """Patch tokens plus position embedding, optionally only the visible ones, with the cls token
         in front. imgs (B, C, H, W), visible_idx (B, N) indices into the L patches -> (B, 1 + N, D)."""
-        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]            # (B, L, D)
+        pos = self.pos_embed[:, 1:]                                     # (1, L, D)
         if visible_idx is not None:
-            x = torch.gather(x, 1, repeat(visible_idx, 'b n -> b n d', d=x.shape[-1]))  # (B, N, D)
+            pos = pos.expand(len(imgs), -1, -1).gather(1, repeat(visible_idx, 'b n -> b n d', d=pos.shape[-1]))
+        x = self.patch_embed(imgs, visible_idx) + pos                  # (B, N or L, D)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)       # (B, 1, D)
         return torch.cat([cls, x], dim=1)
 

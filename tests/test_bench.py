@@ -10,16 +10,17 @@ from conftest import run_script
 
 def mae_step_flops(batch, img_size, patch, dim=192, depth=12, dec_dim=96, dec_depth=1, mask_ratio=0.75):
     """FLOPs of one MAE training step by hand: every matmul of the forward (2 per multiply-add), twice
-    that for the backward, except the patch projection, which needs no gradient for its input."""
+    that for the backward, except the patch projection, which needs no gradient for its input and
+    projects only the visible patches."""
     patches, pixels = (img_size // patch) ** 2, 3 * patch * patch
     visible = 1 + int(patches * (1 - mask_ratio))                 # cls + visible patches
 
     def blocks(tokens, width, n):     # qkv, proj, fc1, fc2: 12 width^2 per token; q.k^T and attn.v
         return n * (2 * tokens * 12 * width ** 2 + 2 * 2 * tokens ** 2 * width)
 
-    forward = (2 * patches * pixels * dim + blocks(visible, dim, depth) + 2 * visible * dim * dec_dim
+    forward = (2 * (visible - 1) * pixels * dim + blocks(visible, dim, depth) + 2 * visible * dim * dec_dim
                + blocks(1 + patches, dec_dim, dec_depth) + 2 * (1 + patches) * dec_dim * pixels)
-    return batch * (3 * forward - 2 * patches * pixels * dim)
+    return batch * (3 * forward - 2 * (visible - 1) * pixels * dim)
 
 
 @pytest.mark.parametrize('img_size', [32, 48])

@@ -55,8 +55,9 @@ def test_attention_logits_are_scaled_query_key_products():
 
 
 def test_encoding_visible_patches_is_encoding_those_patches_alone():
-    """Without position leakage, the encoder on a subset equals the encoder on the permuted set:
-    self-attention is permutation-equivariant and the pos-embed is added before the gather."""
+    """The encoder on a permuted set of patches equals the encoder on all of them, permuted:
+    self-attention is permutation-equivariant, and a visible patch gets the token the conv gives it
+    (projected on its own as a Linear) plus its own position's embedding."""
     model = vit_tiny(img_size=32, patch_size=8, num_classes=0).eval()
     imgs = torch.randn(2, 3, 32, 32)
     full = model.encode(imgs).tokens                                # (2, 17, 192)
