@@ -9,10 +9,13 @@ MAE step fed by the in-memory loader vs by one pre-made batch. The `timm_ref` ro
 the same MAE with every transformer block replaced by timm's `Block` (needs `pip install timm`; not a
 dependency of the project). Each row runs in a fresh process, so peak memory and compile caches do
 not leak between rows; `--rounds N` measures every row N times, round-robin, and keeps the median.
-Prints one markdown table and its command.
+`--one-process` instead builds every model row in this one process and times them in alternating
+chunks, so that the machine's drift hits all rows alike (no peak memory then). Prints one markdown
+table and its command.
 
     python bench.py                                    # every stage: MAE-Tiny at 224 px, batch 32
     python bench.py --stages timm_ref mae --precisions fp32 --rounds 5    # the eager vs compile question
+    python bench.py --stages timm_ref mae --precisions fp32 --one-process  # the same, in one process
     python bench.py --img-size 32 --patch-size 4 --batch-size 128 --stages mae data   # quick recipe
 """
 import argparse
@@ -120,16 +123,22 @@ def seconds_per_call(fn, iters, warmup, device, chunks=5):
     so that a one-off stall (another process, a page fault) does not move the figure."""
     for _ in range(warmup):
         fn()
-    per_chunk = max(1, iters // chunks)
-    times = []
-    for _ in range(chunks):
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(per_chunk):
-            fn()
-        sync(device)
-        times.append((time.perf_counter() - start) / per_chunk)
-    return sorted(times)[len(times) // 2]
+    times = [time_chunk(fn, max(1, iters // chunks), device) for _ in range(chunks)]
+    return median(times)
+
+
+def time_chunk(fn, calls, device):
+    """Mean seconds per call of `calls` calls in a row."""
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / calls
+
+
+def median(values):
+    return sorted(values)[len(values) // 2]
 
 
 def sync(device):
@@ -158,15 +167,42 @@ def peak_memory_mb(device):
 
 
 # --------------------------------------------------------------------------------------------------
-# One row (run in its own process)
+# Measuring: one row in its own process, or every model row in one (--one-process)
 # --------------------------------------------------------------------------------------------------
-def measure_stage(stage, compile, amp, args, device):
+def prepare_stage(stage, compile, amp, args, device):
+    """-> (one training step on the fixed batch, as a call without arguments; its FLOPs)."""
     model, optimizer, loss_of, batch = build_step(stage, args, device)
     flops = count_flops(make_step(model, optimizer, loss_of, False, device), batch)
     step = make_step(torch.compile(model) if compile else model, optimizer, loss_of, amp, device)
-    seconds = seconds_per_call(lambda: step(*batch), args.iters, args.warmup + 3 * compile, device)
+    return lambda: step(*batch), flops
+
+
+def stage_result(seconds, flops, args):
     return {'img_per_s': args.batch_size / seconds, 'gflop_per_s': flops / seconds / 1e9,
             'gflop_per_img': flops / args.batch_size / 1e9}
+
+
+def measure_stage(stage, compile, amp, args, device):
+    step, flops = prepare_stage(stage, compile, amp, args, device)
+    seconds = seconds_per_call(step, args.iters, args.warmup + 3 * compile, device)
+    return stage_result(seconds, flops, args)
+
+
+def measure_in_one_process(rows, args, device):
+    """{row: result} for model rows all built in this process and timed in alternating chunks (each
+    round one chunk of every row; 5 x --rounds rounds; the median chunk counts), so that the
+    machine's slow drift hits every row alike."""
+    steps = {}
+    for row in rows:
+        stage, compile, amp = row.split(':')
+        steps[row] = prepare_stage(stage, compile == 'compile', amp == 'bf16', args, device)
+        for _ in range(args.warmup + 3 * (compile == 'compile')):
+            steps[row][0]()
+    times = {row: [] for row in rows}
+    for _ in range(5 * args.rounds):
+        for row, (step, _) in steps.items():
+            times[row].append(time_chunk(step, max(1, args.iters // 5), device))
+    return {row: stage_result(median(times[row]), steps[row][1], args) for row in rows}
 
 
 def measure_data(kind, args, device):
@@ -241,7 +277,11 @@ def main():
     parser.add_argument('--warmup', type=int, default=3, help='untimed steps first (+3 when compiled)')
     parser.add_argument('--rounds', type=int, default=1,
                         help='measure every row this many times, round-robin, and show the median round '
-                             '(to compare rows on a machine whose speed drifts)')
+                             '(to compare rows on a machine whose speed drifts); with --one-process, time '
+                             '5 x this many alternating chunks')
+    parser.add_argument('--one-process', action='store_true',
+                        help='build every model row in this process and time them in alternating chunks '
+                             '(drift hits all rows alike; no peak memory; not for the data rows)')
     parser.add_argument('--data', default='fashion_mnist', help='data set of the data-path rows')
     parser.add_argument('--data-root', default='data')
     parser.add_argument('--num-workers', type=int, default=2)
@@ -250,6 +290,8 @@ def main():
     args.amp_default = args.device.startswith('cuda')        # as the training scripts
     if args.row:
         return run_row(args)
+    if args.one_process and 'data' in args.stages:
+        parser.error("--one-process times model steps only: drop 'data' from --stages")
 
     peaks, peak_source = peak_flops(torch.device(args.device))
     command = ' '.join(['python', *sys.argv])
@@ -260,6 +302,10 @@ def main():
     print("| step | compile | precision | img/s | GFLOP/img | GFLOP/s | of peak | peak mem MB |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
     rows = rows_for(args)
+    if args.one_process:
+        for row, result in measure_in_one_process(rows, args, torch.device(args.device)).items():
+            print_row(row, result, peaks)
+        return
     results = {row: [] for row in rows}
     for round_ in range(args.rounds):        # every row once per round, so slow drift hits all rows
         for row in rows:
@@ -291,8 +337,9 @@ def print_row(row, r, peaks):
     gflops, peak = r.get('gflop_per_s'), peaks[amp or 'fp32']
     share = f"{gflops * 1e9 / peak:.0%}" if gflops and peak else '-'
     per_img = f"{r['gflop_per_img']:.2f}" if 'gflop_per_img' in r else '-'
+    memory = f"{r['peak_mem_mb']:.0f}" if 'peak_mem_mb' in r else '-'
     print(f"| {stage} | {compile or '-'} | {amp or '-'} | {r['img_per_s']:.1f} | {per_img} | "
-          f"{f'{gflops:.0f}' if gflops else '-'} | {share} | {r['peak_mem_mb']:.0f} |", flush=True)
+          f"{f'{gflops:.0f}' if gflops else '-'} | {share} | {memory} |", flush=True)
 
 if __name__ == '__main__':
     main()

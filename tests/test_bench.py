@@ -32,6 +32,13 @@ def test_the_flop_count_is_every_matmul_of_the_mae_step_attention_included(img_s
     assert counted == mae_step_flops(2, img_size, 4)
 
 
+def table_rows(stdout):
+    """{(step, compile, precision): the other cells} of bench.py's markdown table."""
+    return {tuple(cells[:3]): cells[3:] for cells in
+            ([c.strip() for c in line.strip('|').split('|')] for line in stdout.splitlines()
+             if re.match(r'\| [a-z_+]+ \|', line) and not line.startswith('| step '))}
+
+
 def test_one_run_prints_its_command_and_one_table(fashion_root):
     result = run_script('bench.py', '--img-size', 16, '--patch-size', 4, '--batch-size', 8, '--stages',
                         'timm_ref', 'mae', 'data', '--precisions', 'fp32', '--no-compile-modes',
@@ -39,13 +46,26 @@ def test_one_run_prints_its_command_and_one_table(fashion_root):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith('$ python ') and '--stages timm_ref mae data' in lines[0]
-    rows = {tuple(cells[:3]): cells[3:] for cells in
-            ([c.strip() for c in line.strip('|').split('|')] for line in lines
-             if re.match(r'\| [a-z_+]+ \|', line) and not line.startswith('| step '))}
+    rows = table_rows(result.stdout)
     assert list(rows) == [('timm_ref', 'eager', 'fp32'), ('mae', 'eager', 'fp32'), ('dataloader', '-', '-'),
                           ('device_loader', '-', '-'), ('mae+batch', '-', '-'), ('mae+device_loader', '-', '-')]
     assert all(float(cells[0]) > 0 for cells in rows.values())                     # img/s
     assert rows['mae', 'eager', 'fp32'][1] == f"{mae_step_flops(1, 16, 4) / 1e9:.2f}"   # GFLOP/img
+
+
+def test_one_process_times_the_model_rows_side_by_side():
+    result = run_script('bench.py', '--img-size', 16, '--patch-size', 4, '--batch-size', 8, '--stages',
+                        'timm_ref', 'mae', '--precisions', 'fp32', 'bf16', '--no-compile-modes', '--one-process',
+                        '--iters', 5, '--warmup', 1)
+    assert result.returncode == 0, result.stderr
+    rows = table_rows(result.stdout)
+    assert list(rows) == [('timm_ref', 'eager', 'fp32'), ('timm_ref', 'eager', 'bf16'), ('mae', 'eager', 'fp32'),
+                          ('mae', 'eager', 'bf16')]
+    assert all(float(cells[0]) > 0 and cells[-1] == '-' for cells in rows.values())   # img/s; no peak mem
+    assert rows['timm_ref', 'eager', 'fp32'][1] == f"{mae_step_flops(1, 16, 4) / 1e9:.2f}"
+
+    refused = run_script('bench.py', '--stages', 'mae', 'data', '--one-process')
+    assert refused.returncode != 0 and "drop 'data'" in refused.stderr.strip().splitlines()[-1]
 
 
 def test_rounds_keep_the_median_measurement_whole():
