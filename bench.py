@@ -33,6 +33,7 @@ import torch.nn.functional as F
 CUDA_BF16_PEAK_TFLOPS = {'H100': 989, 'A100': 312, 'L40S': 362, 'L4': 121, 'A10': 125,
                          'RTX 4090': 165, 'RTX 3090': 71, 'V100': 125, 'T4': 65}
 STAGES = ('timm_ref', 'mae', 'dmae', 'finetune', 'probe', 'data')
+CHUNKS = 5      # timed chunks per row (per round with --one-process); the median chunk counts
 
 
 # --------------------------------------------------------------------------------------------------
@@ -118,7 +119,7 @@ def count_flops(step, batch):
     return counter.get_total_flops()
 
 
-def seconds_per_call(fn, iters, warmup, device, chunks=5):
+def seconds_per_call(fn, iters, warmup, device, chunks=CHUNKS):
     """Mean seconds per call within each of `chunks` runs of iters / chunks calls; the median chunk,
     so that a one-off stall (another process, a page fault) does not move the figure."""
     for _ in range(warmup):
@@ -170,10 +171,13 @@ def peak_memory_mb(device):
 # Measuring: one row in its own process, or every model row in one (--one-process)
 # --------------------------------------------------------------------------------------------------
 def prepare_stage(stage, compile, amp, args, device):
-    """-> (one training step on the fixed batch, as a call without arguments; its FLOPs)."""
+    """-> (one training step on the fixed batch, as a call without arguments, warmed up (and
+    compiled); its FLOPs)."""
     model, optimizer, loss_of, batch = build_step(stage, args, device)
     flops = count_flops(make_step(model, optimizer, loss_of, False, device), batch)
     step = make_step(torch.compile(model) if compile else model, optimizer, loss_of, amp, device)
+    for _ in range(args.warmup + 3 * compile):
+        step(*batch)
     return lambda: step(*batch), flops
 
 
@@ -184,24 +188,22 @@ def stage_result(seconds, flops, args):
 
 def measure_stage(stage, compile, amp, args, device):
     step, flops = prepare_stage(stage, compile, amp, args, device)
-    seconds = seconds_per_call(step, args.iters, args.warmup + 3 * compile, device)
+    seconds = seconds_per_call(step, args.iters, 0, device)
     return stage_result(seconds, flops, args)
 
 
 def measure_in_one_process(rows, args, device):
     """{row: result} for model rows all built in this process and timed in alternating chunks (each
-    round one chunk of every row; 5 x --rounds rounds; the median chunk counts), so that the
+    round one chunk of every row; CHUNKS x --rounds rounds; the median chunk counts), so that the
     machine's slow drift hits every row alike."""
     steps = {}
     for row in rows:
         stage, compile, amp = row.split(':')
         steps[row] = prepare_stage(stage, compile == 'compile', amp == 'bf16', args, device)
-        for _ in range(args.warmup + 3 * (compile == 'compile')):
-            steps[row][0]()
     times = {row: [] for row in rows}
-    for _ in range(5 * args.rounds):
+    for _ in range(CHUNKS * args.rounds):
         for row, (step, _) in steps.items():
-            times[row].append(time_chunk(step, max(1, args.iters // 5), device))
+            times[row].append(time_chunk(step, max(1, args.iters // CHUNKS), device))
     return {row: stage_result(median(times[row]), steps[row][1], args) for row in rows}
 
 

@@ -17,14 +17,15 @@ import os
 
 import torch
 import torch.nn as nn
-from einops import rearrange, repeat
+from einops import rearrange
 
 from data import (IMAGENET_MEAN, IMAGENET_STD, DeviceLoader, build_dataset, build_loader, decode_to_tensor,
                   eval_transform, pretrain_transform)
 from training import (EpochProgress, Run, RunError, add_common_args, adamw, append_log, load_resume_checkpoint,
                       lr_at, no_sync_unless, parse_args, prepare_log, run_main, save_checkpoint,
                       seed_everything, set_lr, weight_decay_groups)
-from vit import Block, CheckpointError, VisionTransformer, load_pretrained, read_checkpoint, sincos_pos_embed
+from vit import (Block, CheckpointError, VisionTransformer, gather_tokens, load_pretrained, read_checkpoint,
+                 sincos_pos_embed)
 
 STAGE = 'pretrain_mae'
 
@@ -99,10 +100,10 @@ class MAE(VisionTransformer):
     def forward_decoder(self, latent, restore_idx):
         """latent (B, 1 + N_visible, D) -> pixel predictions for every patch (B, L, p*p*C)."""
         x = self.decoder_embed(latent)                              # (B, 1 + N_visible, D_dec)
-        B, L, D = x.shape[0], restore_idx.shape[1], x.shape[2]
+        B, L = x.shape[0], restore_idx.shape[1]
         mask_tokens = self.mask_token.expand(B, L - (x.shape[1] - 1), -1)   # (B, N_masked, D_dec)
         patches = torch.cat([x[:, 1:], mask_tokens], dim=1)         # (B, L, D_dec), shuffled order
-        patches = torch.gather(patches, 1, repeat(restore_idx, 'b l -> b l d', d=D))  # patch order
+        patches = gather_tokens(patches, restore_idx)               # (B, L, D_dec), patch order
         x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed   # (B, 1 + L, D_dec)
         for block in self.decoder_blocks:
             x, _ = block(x)

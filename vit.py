@@ -23,6 +23,11 @@ from einops import rearrange, repeat
 # --------------------------------------------------------------------------------------------------
 # Building blocks
 # --------------------------------------------------------------------------------------------------
+def gather_tokens(x, idx):
+    """x (B, L, D), idx (B, N) -> (B, N, D): for each image, its tokens at the given positions."""
+    return torch.gather(x, 1, repeat(idx, 'b n -> b n d', d=x.shape[-1]))
+
+
 class PatchEmbed(nn.Module):
     """Cut an image into non-overlapping p x p patches and project each to `embed_dim`."""
 
@@ -44,8 +49,8 @@ class PatchEmbed(nn.Module):
             return rearrange(self.proj(imgs), 'b d h w -> b (h w) d')
         p = self.patch_size
         patches = rearrange(imgs, 'b c (h p1) (w p2) -> b (h w) (c p1 p2)', p1=p, p2=p)  # (B, L, C*p*p)
-        patches = torch.gather(patches, 1, repeat(visible_idx, 'b n -> b n k', k=patches.shape[-1]))
-        return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)           # (B, N, D)
+        visible = gather_tokens(patches, visible_idx)                                   # (B, N, C*p*p)
+        return F.linear(visible, self.proj.weight.flatten(1), self.proj.bias)            # (B, N, D)
 
 
 class Attention(nn.Module):
@@ -179,7 +184,7 @@ class VisionTransformer(nn.Module):
         in front. imgs (B, C, H, W), visible_idx (B, N) indices into the L patches -> (B, 1 + N, D)."""
         pos = self.pos_embed[:, 1:]                                     # (1, L, D)
         if visible_idx is not None:
-            pos = pos.expand(len(imgs), -1, -1).gather(1, repeat(visible_idx, 'b n -> b n d', d=pos.shape[-1]))
+            pos = gather_tokens(pos.expand(len(imgs), -1, -1), visible_idx)   # (B, N, D)
         x = self.patch_embed(imgs, visible_idx) + pos                  # (B, N or L, D)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)       # (B, 1, D)
         return torch.cat([cls, x], dim=1)
