@@ -28,7 +28,7 @@ from einops import rearrange
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data import build_dataset, eval_transform
+from data import build_dataset, eval_transform, normalization
 from pretrain_mae import load_mae, save_reconstruction_figure
 from training import RunError, run_main
 from vit import MODELS, CheckpointError, encoder_state_dict, load_pretrained, read_checkpoint
@@ -136,7 +136,8 @@ def check_divisible(img_size, patch_size, spec):
 
 def val_images(args, img_size):
     """A fixed random sample of --num-images of the val split, with the eval transform."""
-    dataset, _ = build_dataset(args.data, args.data_root, train=False, transform=eval_transform(img_size),
+    dataset, _ = build_dataset(args.data, args.data_root, train=False,
+                               transform=eval_transform(img_size, stats=normalization(args.data)),
                                synthetic_size=img_size, subset=args.num_images)
     return dataset
 
@@ -255,7 +256,8 @@ def reconstruct_command(args):
     path = out / 'reconstruction.png'
     patch_embed = model.patch_embed
     size = f"MAE {WIDTHS[model.embed_dim]}, patch {patch_embed.patch_size}, {patch_embed.img_size} px"
-    save_reconstruction_figure(model, imgs, path, f"{args.ckpt} ({size})", args.mask_ratio, args.seed)
+    save_reconstruction_figure(model, imgs, path, f"{args.ckpt} ({size})", normalization(args.data),
+                               args.mask_ratio, args.seed)
     torch.manual_seed(args.seed)
     loss, _, _ = model(imgs.to(device), args.mask_ratio)
     print(f"reconstruction of {len(imgs)} {args.data} val images: {path}")

@@ -12,12 +12,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
 from torchvision import datasets
 from torchvision.transforms import InterpolationMode, v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# A grayscale data set is normalised with its own statistics, equal in the three channels, so that a
+# grey image stays grey (with ImageNet's per-channel ones a flat grey patch becomes three different
+# offsets, and MAE's norm-pix target of a flat patch a colour pattern). Colour data: ImageNet's.
+GRAYSCALE_STATS = {'fashion_mnist': (0.2860, 0.3530)}     # mean, std of the 60,000 training images
 BICUBIC = InterpolationMode.BICUBIC
 NAMED = ('fashion_mnist', 'cifar10', 'cifar100', 'flowers', 'pets', 'aircraft', 'cars', 'synthetic')
 DEBIAN_FASHION_MNIST = Path('/usr/share/datasets/fashion-mnist')
@@ -30,18 +34,26 @@ class DataError(Exception):
 # --------------------------------------------------------------------------------------------------
 # Transforms: the pre-training, fine-tuning and evaluation recipes
 # --------------------------------------------------------------------------------------------------
-def _to_normalized_tensor():
-    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+def normalization(data):
+    """(mean, std) per channel for the data set `data` (a name or a folder)."""
+    if data in GRAYSCALE_STATS:
+        mean, std = GRAYSCALE_STATS[data]
+        return (mean,) * 3, (std,) * 3
+    return IMAGENET_MEAN, IMAGENET_STD
 
 
-def pretrain_transform(img_size, min_scale=0.08):
+def _to_normalized_tensor(stats):
+    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(*stats)]
+
+
+def pretrain_transform(img_size, min_scale=0.08, stats=(IMAGENET_MEAN, IMAGENET_STD)):
     """MAE-Lite's pre-training augmentation: RandomResizedCrop with scale (0.08, 1) (MAE used
     (0.2, 1)), bicubic as official MAE, and a horizontal flip."""
     return v2.Compose([
         v2.RGB(),
         v2.RandomResizedCrop(img_size, scale=(min_scale, 1.0), interpolation=BICUBIC, antialias=True),
         v2.RandomHorizontalFlip(),
-        *_to_normalized_tensor(),
+        *_to_normalized_tensor(stats),
     ])
 
 
@@ -61,7 +73,8 @@ class RandAugmentWithStd(v2.RandAugment):
         return super().forward(*inputs)
 
 
-def finetune_transform(img_size, min_scale=0.08, rand_aug=(2, 10, 0.5), reprob=0.0):
+def finetune_transform(img_size, min_scale=0.08, rand_aug=(2, 10, 0.5), reprob=0.0,
+                       stats=(IMAGENET_MEAN, IMAGENET_STD)):
     """Fine-tuning augmentation: RandomResizedCrop (bicubic), flip, RandAugment (num_ops, magnitude,
     magnitude std; None for none, as the transfer recipe), random erasing with probability `reprob`
     (per-pixel normal noise, timm's 'pixel' mode). MixUp/CutMix act on batches, in finetune.py."""
@@ -70,18 +83,18 @@ def finetune_transform(img_size, min_scale=0.08, rand_aug=(2, 10, 0.5), reprob=0
         v2.RandomResizedCrop(img_size, scale=(min_scale, 1.0), interpolation=BICUBIC, antialias=True),
         v2.RandomHorizontalFlip(),
         *([RandAugmentWithStd(*rand_aug)] if rand_aug else []),
-        *_to_normalized_tensor(),
+        *_to_normalized_tensor(stats),
         *([v2.RandomErasing(p=reprob, value='random')] if reprob > 0 else []),
     ])
 
 
-def eval_transform(img_size, crop_pct=0.875):
+def eval_transform(img_size, crop_pct=0.875, stats=(IMAGENET_MEAN, IMAGENET_STD)):
     """Resize the short side to img_size / crop_pct (256 for 224), bicubic, then center-crop."""
     return v2.Compose([
         v2.RGB(),
         v2.Resize(int(img_size / crop_pct), interpolation=BICUBIC, antialias=True),
         v2.CenterCrop(img_size),
-        *_to_normalized_tensor(),
+        *_to_normalized_tensor(stats),
     ])
 
 
@@ -117,6 +130,7 @@ class SyntheticImages(Dataset):
     def __init__(self, num_images, num_classes=10, size=32, seed=0, transform=None):
         self.num_images, self.num_classes, self.size, self.seed = num_images, num_classes, size, seed
         self.transform = transform
+        self.targets = [index % num_classes for index in range(num_images)]
 
     def __len__(self):
         return self.num_images
@@ -125,7 +139,7 @@ class SyntheticImages(Dataset):
         if not 0 <= index < self.num_images:
             raise IndexError(index)
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-        label = index % self.num_classes
+        label = self.targets[index]
         img = torch.randint(0, 128, (self.size, self.size, 3), generator=gen, dtype=torch.uint8)
         side = self.size // 4
         row = (label * 7 % 4) * side
@@ -174,14 +188,65 @@ def _named_dataset(name, root, train, transform):
     raise AssertionError(name)
 
 
-def build_dataset(data, root, train, transform, synthetic_size=32, subset=0):
+def build_dataset(data, root, train, transform, synthetic_size=32, subset=0, classes=()):
     """-> (dataset, num_classes). `data`: a name in NAMED or a folder in ImageNet layout.
-    `subset` > 0 keeps a fixed random sample of that many images (for quick runs)."""
+    `classes` keeps only those classes, renumbered 0..k-1 in the order given (e.g. (0, 2, 4, 6, 8));
+    `subset` > 0 keeps a fixed sample of that many images, stratified: as equal a share of every class
+    as the counts allow (drawn at random where the labels cannot be read without decoding)."""
     dataset, num_classes = _build_full_dataset(data, root, train, transform, synthetic_size)
-    if 0 < subset < len(dataset):
-        keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:subset]
-        dataset = Subset(dataset, keep.sort().values.tolist())
-    return dataset, num_classes
+    if not classes and not 0 < subset < len(dataset):
+        return dataset, num_classes
+    labels = dataset_labels(dataset)
+    keep = torch.arange(len(dataset))
+    if classes:
+        if labels is None:
+            raise DataError(f"--classes: the labels of '{data}' cannot be read without decoding every "
+                            f"image; make a folder with only the classes you want instead")
+        wrong = [c for c in classes if not 0 <= c < num_classes]
+        if wrong or len(set(classes)) != len(classes):
+            raise DataError(f"--classes {','.join(map(str, classes))}: expected distinct class "
+                            f"indices in 0..{num_classes - 1}")
+        keep = keep[torch.isin(labels, torch.tensor(classes))]
+    if 0 < subset < len(keep):
+        keep = keep[stratified_sample(labels[keep] if labels is not None else None, len(keep), subset)]
+    return Selection(dataset, keep.tolist(), classes), (len(classes) if classes else num_classes)
+
+
+def dataset_labels(dataset):
+    """Every image's label as a tensor (N,), when the data set holds them as a list; else None."""
+    labels = getattr(dataset, 'targets', getattr(dataset, '_labels', None))
+    return None if labels is None else torch.as_tensor(labels)
+
+
+def stratified_sample(labels, num_images, subset):
+    """Indices of a fixed random sample of `subset` of `num_images` images: round-robin over the
+    classes of `labels` (N,) in a fixed random order, so each class gets an equal share while it has
+    images left; a plain random sample when labels is None."""
+    order = torch.randperm(num_images, generator=torch.Generator().manual_seed(0))
+    if labels is None:
+        return order[:subset].sort().values
+    shuffled = labels[order]
+    rank_in_class = torch.zeros(num_images, dtype=torch.long)      # 0 for a class's first image, ...
+    for c in shuffled.unique():
+        is_c = shuffled == c
+        rank_in_class[is_c] = torch.arange(int(is_c.sum()))
+    return order[torch.argsort(rank_in_class, stable=True)[:subset]].sort().values
+
+
+class Selection(Dataset):
+    """Some images of a data set (`indices`), with labels renumbered 0..k-1 when only `classes` are
+    kept."""
+
+    def __init__(self, dataset, indices, classes=()):
+        self.dataset, self.indices = dataset, indices
+        self.relabel = {c: i for i, c in enumerate(classes)} if classes else None
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        img, label = self.dataset[self.indices[i]]
+        return img, (self.relabel[label] if self.relabel else label)
 
 
 def _build_full_dataset(data, root, train, transform, synthetic_size):
@@ -232,18 +297,21 @@ def build_loader(dataset, batch_size, train, num_workers, device, seed=0, rank=0
 # The in-memory path (--data-on-device): a small data set decoded once into a uint8 tensor on the
 # training device and augmented there in batches, so no per-image Python runs during training
 # --------------------------------------------------------------------------------------------------
-def decode_to_tensor(data, root, train, size, crop_pct=1.0, subset=0, device='cpu'):
+def decode_to_tensor(data, root, train, size, crop_pct=1.0, subset=0, classes=(), device='cpu'):
     """-> (images uint8 (N, 3, size, size) on device, labels (N,), num_classes). Each image is resized
     (short side size / crop_pct, bicubic) and center-cropped; crop_pct=1 keeps the whole square image
     for training, 0.875 gives the evaluation view."""
     geometry = [v2.Resize(int(size / crop_pct), interpolation=BICUBIC, antialias=True), v2.CenterCrop(size)]
-    dataset, num_classes = build_dataset(data, root, train, transform=None, synthetic_size=size, subset=subset)
-    base, keep = (dataset.dataset, dataset.indices) if isinstance(dataset, Subset) else (dataset, None)
+    dataset, num_classes = build_dataset(data, root, train, transform=None, synthetic_size=size,
+                                         subset=subset, classes=classes)
+    base, keep = (dataset.dataset, dataset.indices) if isinstance(dataset, Selection) else (dataset, None)
     raw = getattr(base, 'data', None)
     if isinstance(raw, torch.Tensor) or type(raw).__name__ == 'ndarray':   # MNIST / CIFAR: one array
         images, labels = torch.as_tensor(raw), torch.as_tensor(base.targets)
         if keep is not None:
             images, labels = images[keep], labels[keep]
+        if classes:
+            labels = torch.tensor([dataset.relabel[int(label)] for label in labels])
         images = images[:, None] if images.ndim == 3 else images.permute(0, 3, 1, 2)   # (N, C, H, W)
         images = v2.Compose(geometry)(images.expand(-1, 3, -1, -1).to(device))
     else:                                                   # image files: decode one by one, once
@@ -307,15 +375,15 @@ class DeviceLoader(TensorBatches):
     its device."""
 
     def __init__(self, images, labels, batch_size, train, min_scale=0.08, rand_aug=None, reprob=0.0,
-                 seed=0, rank=0, world_size=1):
+                 stats=(IMAGENET_MEAN, IMAGENET_STD), seed=0, rank=0, world_size=1):
         super().__init__(images, labels, batch_size, train, seed, rank, world_size)
         self.min_scale = min_scale
         # fine-tuning's RandAugment and random erasing: a v2 transform draws one choice per call, so
         # these run image by image (still on the device) to keep the randomness per image
         self.rand_aug = RandAugmentWithStd(*rand_aug) if train and rand_aug else None
         self.erase = v2.RandomErasing(p=reprob, value='random') if train and reprob > 0 else None
-        self.mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+        self.mean = torch.tensor(stats[0], device=images.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(stats[1], device=images.device).view(1, 3, 1, 1)
 
     def __iter__(self):
         for idx in self.batch_indices():

@@ -26,13 +26,14 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from data import (DeviceLoader, build_dataset, build_loader, decode_to_tensor, eval_transform,
-                  finetune_transform)
+                  finetune_transform, normalization)
 from training import (EpochProgress, Run, RunError, add_common_args, adamw, append_log, load_resume_checkpoint,
                       lr_at, no_sync_unless, parse_args, prepare_log, run_main, save_checkpoint,
                       seed_everything, set_lr)
 from vit import MODELS, load_pretrained
 
 STAGE = 'finetune'
+CLEAN_TRAIN_IMAGES = 10_000     # the training images the last epoch is evaluated on (a fixed sample)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -119,6 +120,8 @@ def build_parser():
     g.add_argument('--val-subset', type=int, default=0,
                    help='evaluate on a fixed random sample of this many validation images (0: all), '
                         'for quick runs')
+    g.add_argument('--eval-every', type=int, default=1,
+                   help='evaluate every this many epochs, and always after the last one')
 
     g = parser.add_argument_group('augmentation')
     g.add_argument('--min-crop-scale', type=float, default=0.08,
@@ -191,16 +194,21 @@ def evaluate(model, loader, run, amp):
 def build_val_loader(args, run):
     """-> (loader, images, classes) of the validation set, in the eval view: resize to size / 0.875
     (bicubic), center crop."""
+    return build_eval_loader(args, run, train=False, subset=args.val_subset)
+
+
+def build_eval_loader(args, run, train, subset):
+    """-> (loader, images, classes) of the train or val split in the eval view."""
     if args.data_on_device:
-        images, labels, num_classes = decode_to_tensor(args.data, args.data_root, False, args.img_size,
-                                                       crop_pct=0.875, subset=args.val_subset,
+        images, labels, num_classes = decode_to_tensor(args.data, args.data_root, train, args.img_size,
+                                                       crop_pct=0.875, subset=subset, classes=args.classes,
                                                        device=run.device)
-        loader = DeviceLoader(images, labels, args.batch_size, train=False, rank=run.rank,
-                              world_size=run.world_size)
+        loader = DeviceLoader(images, labels, args.batch_size, train=False, stats=normalization(args.data),
+                              rank=run.rank, world_size=run.world_size)
         return loader, len(images), num_classes
-    dataset, num_classes = build_dataset(args.data, args.data_root, train=False, subset=args.val_subset,
-                                         transform=eval_transform(args.img_size),
-                                         synthetic_size=args.img_size)
+    dataset, num_classes = build_dataset(args.data, args.data_root, train=train, subset=subset,
+                                         classes=args.classes, synthetic_size=args.img_size,
+                                         transform=eval_transform(args.img_size, stats=normalization(args.data)))
     loader = build_loader(dataset, args.batch_size, train=False, num_workers=args.num_workers,
                           device=run.device, rank=run.rank, world_size=run.world_size)
     return loader, len(dataset), num_classes
@@ -209,16 +217,19 @@ def build_val_loader(args, run):
 def build_train_loader(args, run, rand_aug):
     """-> (loader, images, classes) of the training set with the fine-tuning augmentation (per image,
     or on the device in batches with --data-on-device)."""
+    stats = normalization(args.data)
     if args.data_on_device:
         images, labels, num_classes = decode_to_tensor(args.data, args.data_root, True, args.img_size,
-                                                       subset=args.subset, device=run.device)
+                                                       subset=args.subset, classes=args.classes,
+                                                       device=run.device)
         loader = DeviceLoader(images, labels, args.batch_size, train=True, min_scale=args.min_crop_scale,
-                              rand_aug=rand_aug, reprob=args.reprob, seed=args.seed, rank=run.rank,
-                              world_size=run.world_size)
+                              rand_aug=rand_aug, reprob=args.reprob, stats=stats, seed=args.seed,
+                              rank=run.rank, world_size=run.world_size)
         return loader, len(images), num_classes
     dataset, num_classes = build_dataset(
         args.data, args.data_root, train=True, synthetic_size=args.img_size, subset=args.subset,
-        transform=finetune_transform(args.img_size, args.min_crop_scale, rand_aug, args.reprob))
+        classes=args.classes,
+        transform=finetune_transform(args.img_size, args.min_crop_scale, rand_aug, args.reprob, stats))
     loader = build_loader(dataset, args.batch_size, train=True, num_workers=args.num_workers,
                           device=run.device, seed=args.seed, rank=run.rank, world_size=run.world_size)
     return loader, len(dataset), num_classes
@@ -291,21 +302,32 @@ def main(argv=None):
     for epoch in range(start_epoch, args.epochs):
         seed_everything(args.seed, epoch, run.rank)
         loader.sampler.set_epoch(epoch)
-        stats = train_one_epoch(train_model, loader, optimizer, batch_mixing, epoch, run, args)
-        val = evaluate(train_model, val_loader, run, args.amp)
-        is_best = val['top1'] > best_top1
-        best_top1 = max(best_top1, val['top1'])
+        record = {'epoch': epoch, **train_one_epoch(train_model, loader, optimizer, batch_mixing, epoch, run, args)}
+        last = epoch + 1 == args.epochs
+        if last or (epoch + 1) % args.eval_every == 0:
+            val = evaluate(train_model, val_loader, run, args.amp)
+            best_top1 = max(best_top1, val['top1'])
+            record.update(val_top1=val['top1'], val_top5=val['top5'], val_loss=val['loss'], best_top1=best_top1)
+        if last:   # did the fine-tune fit its own training images? (clean: the eval view, no mixing)
+            clean_loader, num_clean, _ = build_eval_loader(args, run, train=True,
+                                                           subset=min(args.subset or CLEAN_TRAIN_IMAGES,
+                                                                      CLEAN_TRAIN_IMAGES))
+            record['train_top1'] = evaluate(train_model, clean_loader, run, args.amp)['top1']
         if run.is_main:
-            append_log(log, {'epoch': epoch, **stats, 'val_top1': val['top1'], 'val_top5': val['top5'],
-                             'val_loss': val['loss'], 'best_top1': best_top1})
+            append_log(log, record)
             state = dict(stage=STAGE, epoch=epoch, args=vars(args), model=model.state_dict(),
-                         optimizer=optimizer.state_dict(), top1=val['top1'], best_top1=best_top1)
-            if is_best:   # before the last checkpoint: a crash in between only repeats this epoch
-                save_checkpoint(run.output_dir / 'best.pth', **state)
+                         optimizer=optimizer.state_dict(), best_top1=best_top1)
+            if record.get('val_top1') == best_top1:   # before the last checkpoint: a crash in between
+                save_checkpoint(run.output_dir / 'best.pth', **state)   # only repeats this epoch
             save_checkpoint(run.output_dir / 'checkpoint.pth', **state)
-            print(f"epoch {epoch}: loss {stats['loss']:.4f}, val top-1 {val['top1']:.2f}% "
-                  f"top-5 {val['top5']:.2f}% loss {val['loss']:.4f} (best {best_top1:.2f}%), "
-                  f"{stats['img_per_s']:.0f} img/s", flush=True)
+            line = f"epoch {epoch}: loss {record['loss']:.4f}, {record['img_per_s']:.0f} img/s"
+            if 'val_top1' in record:
+                line += (f", val top-1 {record['val_top1']:.2f}% top-5 {record['val_top5']:.2f}% "
+                         f"loss {record['val_loss']:.4f} (best {best_top1:.2f}%)")
+            if last:
+                line += (f"; train top-1 {record['train_top1']:.2f}% on {num_clean} of its training "
+                         f"images (eval view)")
+            print(line, flush=True)
     run.close()
 
 

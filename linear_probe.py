@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import TensorBatches, build_dataset, build_loader, eval_transform, finetune_transform
+from data import TensorBatches, build_dataset, build_loader, eval_transform, finetune_transform, normalization
 from training import (EpochProgress, Run, RunError, add_common_args, append_log, load_resume_checkpoint,
                       lr_at, no_sync_unless, parse_args, prepare_log, run_main, save_checkpoint,
                       seed_everything, set_lr)
@@ -146,7 +146,7 @@ def cached_features(model, train_set, val_set, run, args):
     images; otherwise extracted now and saved there. -> dict of (N, D) features and (N,) labels."""
     key = dict(encoder=encoder_fingerprint(model), model=args.model, feature=args.feature,
                data=str(args.data), data_root=str(args.data_root), img_size=args.img_size,
-               subset=args.subset, val_subset=args.val_subset)
+               subset=args.subset, val_subset=args.val_subset, classes=args.classes)
     path = run.output_dir / 'features.pt'
     if path.exists():
         cache = read_checkpoint(path)
@@ -247,14 +247,15 @@ def main(argv=None):
 
     # data ------------------------------------------------------------------------------------------
     # the full protocol augments (RandomResizedCrop + flip); the cache holds one center crop per image
-    train_transform = (eval_transform(args.img_size) if args.cached_features
-                       else finetune_transform(args.img_size, rand_aug=None))
+    stats = normalization(args.data)
+    train_transform = (eval_transform(args.img_size, stats=stats) if args.cached_features
+                       else finetune_transform(args.img_size, rand_aug=None, stats=stats))
     train_set, num_classes = build_dataset(args.data, args.data_root, train=True,
                                            transform=train_transform, synthetic_size=args.img_size,
-                                           subset=args.subset)
+                                           subset=args.subset, classes=args.classes)
     val_set, _ = build_dataset(args.data, args.data_root, train=False,
-                               transform=eval_transform(args.img_size), synthetic_size=args.img_size,
-                               subset=args.val_subset)
+                               transform=eval_transform(args.img_size, stats=stats), synthetic_size=args.img_size,
+                               subset=args.val_subset, classes=args.classes)
 
     # model and optimizer ---------------------------------------------------------------------------
     model = build_probe(args, num_classes, run)

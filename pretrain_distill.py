@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data import normalization
 from pretrain_mae import MAE, MAES, build_parser as build_mae_parser, pretrain_data, save_reconstruction_figure
 from training import (EpochProgress, Run, RunError, adamw, append_log, load_resume_checkpoint, lr_at,
                       no_sync_unless, parse_args, prepare_log, run_main, save_checkpoint, seed_everything,
@@ -285,7 +286,8 @@ def main(argv=None):
                             optimizer=optimizer.state_dict())
             save_reconstruction_figure(model.student, shown_imgs, run.output_dir / 'reconstruction.png',
                                        f"D-MAE {args.model} from {args.teacher_model}, epoch {epoch}, "
-                                       f"MAE loss {stats['mae_loss']:.3f}", args.mask_ratio)
+                                       f"MAE loss {stats['mae_loss']:.3f}", normalization(args.data),
+                                       args.mask_ratio)
             print(f"epoch {epoch}: MAE loss {stats['mae_loss']:.4f}, distill loss "
                   f"{stats['distill_loss']:.4f}, {stats['img_per_s']:.0f} img/s, "
                   f"checkpoint {run.output_dir / 'checkpoint.pth'}", flush=True)

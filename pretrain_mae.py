@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-from data import (IMAGENET_MEAN, IMAGENET_STD, DeviceLoader, build_dataset, build_loader, decode_to_tensor,
-                  eval_transform, pretrain_transform)
+from data import (DeviceLoader, build_dataset, build_loader, decode_to_tensor, eval_transform, normalization,
+                  pretrain_transform)
 from training import (EpochProgress, Run, RunError, add_common_args, adamw, append_log, load_resume_checkpoint,
                       lr_at, no_sync_unless, parse_args, prepare_log, run_main, save_checkpoint,
                       seed_everything, set_lr, weight_decay_groups)
@@ -193,8 +193,9 @@ def load_mae(path, img_size=None, norm_pix_loss=None):
 # The figure: original / masked / reconstruction / reconstruction with the visible patches pasted
 # --------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def save_reconstruction_figure(model, imgs, path, title, mask_ratio=0.75, seed=0):
-    """Plot a few images through the MAE with a fixed masking (noise from `seed`)."""
+def save_reconstruction_figure(model, imgs, path, title, stats, mask_ratio=0.75, seed=0):
+    """Plot a few images (normalised with `stats`, data.normalization) through the MAE with a fixed
+    masking (noise from `seed`)."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -215,8 +216,8 @@ def save_reconstruction_figure(model, imgs, path, title, mask_ratio=0.75, seed=0
     recon = model.unpatchify(pred)
     pasted = model.unpatchify(pred * mask[..., None] + patches * (1 - mask[..., None]))
 
-    std = torch.tensor(IMAGENET_STD, device=imgs.device).view(1, 3, 1, 1)
-    mean = torch.tensor(IMAGENET_MEAN, device=imgs.device).view(1, 3, 1, 1)
+    mean = torch.tensor(stats[0], device=imgs.device).view(1, 3, 1, 1)
+    std = torch.tensor(stats[1], device=imgs.device).view(1, 3, 1, 1)
     columns = {'original': imgs, f'masked {mask_ratio:.0%}': masked, 'reconstruction': recon,
                'reconstruction + visible': pasted}
     n = imgs.shape[0]
@@ -279,20 +280,21 @@ def train_one_epoch(model, loader, optimizer, epoch, run, args):
 
 def pretrain_data(args, run):
     """The training loader (MAE's augmentation) and 6 validation images for the reconstruction figure;
-    shared with pretrain_distill.py."""
+    shared with pretrain_distill.py. The labels are never used (--classes only picks the images)."""
+    stats = normalization(args.data)
     if args.data_on_device:     # small data sets: decoded once, augmented in batches on the device
         images, labels, _ = decode_to_tensor(args.data, args.data_root, True, args.img_size,
-                                             subset=args.subset, device=run.device)
+                                             subset=args.subset, classes=args.classes, device=run.device)
         loader = DeviceLoader(images, labels, args.batch_size, train=True, min_scale=args.min_crop_scale,
-                              seed=args.seed, rank=run.rank, world_size=run.world_size)
+                              stats=stats, seed=args.seed, rank=run.rank, world_size=run.world_size)
     else:
         dataset, _ = build_dataset(args.data, args.data_root, train=True,
-                                   transform=pretrain_transform(args.img_size, args.min_crop_scale),
-                                   synthetic_size=args.img_size, subset=args.subset)
+                                   transform=pretrain_transform(args.img_size, args.min_crop_scale, stats),
+                                   synthetic_size=args.img_size, subset=args.subset, classes=args.classes)
         loader = build_loader(dataset, args.batch_size, train=True, num_workers=args.num_workers,
                               device=run.device, seed=args.seed, rank=run.rank, world_size=run.world_size)
-    shown, _ = build_dataset(args.data, args.data_root, train=False,
-                             transform=eval_transform(args.img_size), synthetic_size=args.img_size)
+    shown, _ = build_dataset(args.data, args.data_root, train=False, classes=args.classes,
+                             transform=eval_transform(args.img_size, stats=stats), synthetic_size=args.img_size)
     shown_imgs = torch.stack([shown[i][0] for i in range(min(6, len(shown)))])  # (6, 3, H, W)
     return loader, shown_imgs
 
@@ -336,7 +338,7 @@ def main(argv=None):
                             model=model.state_dict(), optimizer=optimizer.state_dict())
             save_reconstruction_figure(model, shown_imgs, run.output_dir / 'reconstruction.png',
                                        f"MAE {args.model}, epoch {epoch}, loss {stats['loss']:.3f}",
-                                       args.mask_ratio)
+                                       normalization(args.data), args.mask_ratio)
             print(f"epoch {epoch}: loss {stats['loss']:.4f}, {stats['img_per_s']:.0f} img/s, "
                   f"checkpoint {run.output_dir / 'checkpoint.pth'}", flush=True)
     run.close()

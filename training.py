@@ -75,13 +75,18 @@ def add_common_args(parser, *, epochs, warmup_epochs, batch_size, blr, weight_de
     g.add_argument('--data-root', default='data', help='where named data sets live or download to')
     g.add_argument('--img-size', type=int, default=img_size, help=f'paper: {img_size}')
     g.add_argument('--patch-size', type=int, default=patch_size, help=f'paper: {patch_size}')
-    g.add_argument('--num-workers', type=int, default=4, help='data loader processes per GPU')
+    g.add_argument('--num-workers', type=int, default=default_num_workers(),
+                   help='data loader processes per process (default: 4, or the CPU count if fewer)')
     g.add_argument('--data-on-device', action=argparse.BooleanOptionalAction, default=False,
                    help='decode the training set once into a tensor on the device and augment there '
                         '(crop + flip in one batched op; RandAugment, erasing image by image): for data '
                         'sets that fit in memory')
     g.add_argument('--subset', type=int, default=0,
-                   help='train on a fixed random sample of this many images (0: all), for quick runs')
+                   help='train on a fixed sample of this many images (0: all), an equal share of each '
+                        'class: quick runs, or a few labels per class')
+    g.add_argument('--classes', type=class_list, default=[],
+                   help="keep only these classes, e.g. '0,2,4,6,8', renumbered 0..k-1 in that order "
+                        "(train and val alike): a pre-training task and a downstream task from one data set")
 
     g = parser.add_argument_group('optimisation')
     g.add_argument('--model', default='vit_tiny', choices=['vit_tiny', 'vit_small', 'vit_base'])
@@ -96,6 +101,20 @@ def add_common_args(parser, *, epochs, warmup_epochs, batch_size, blr, weight_de
     g.add_argument('--min-lr', type=float, default=min_lr, help=f'cosine floor (paper: {min_lr})')
     g.add_argument('--weight-decay', type=float, default=weight_decay, help=f'paper: {weight_decay}')
     return parser
+
+
+def default_num_workers():
+    return min(4, os.cpu_count() or 1)
+
+
+def class_list(text):
+    """'0,2,4' -> [0, 2, 4]; a YAML list works too."""
+    if isinstance(text, (list, tuple)):
+        return [int(c) for c in text]
+    try:
+        return [int(c) for c in str(text).replace(' ', '').split(',') if c]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of class indices") from None
 
 
 def parse_args(parser, argv=None):
