@@ -4,8 +4,8 @@
                Nguyen, Raghu & Kornblith 2021) on a data set's val split: a (depth+1) x (depth+1) heatmap
   attention    per layer and head: mean attention distance (pixels) and attention entropy among patch
                tokens, as the paper's two scatter plots (heads as dots, the layer mean as a line)
-  reconstruct  an MAE's original / masked / reconstruction figure, the one pre-training draws
-  report       collect a mini_paper.sh run into REPORT.md: the paper's table and claims, in miniature
+  reconstruct  an MAE's original / masked / reconstruction figure, the one pre-training draws, and its
+               held-out loss
 
 A checkpoint is any of ours, official MAE, MAE-Lite or timm/DeiT, pre-trained or fine-tuned; `random`
 is a random-init encoder (--model, --patch-size, --seed). A checkpoint's size (tiny/small/base by
@@ -34,6 +34,9 @@ from training import RunError, run_main
 from vit import MODELS, CheckpointError, encoder_state_dict, load_pretrained, read_checkpoint
 
 WIDTHS = {192: 'vit_tiny', 384: 'vit_small', 768: 'vit_base'}    # encoder width -> model name
+# CKA's last layer (--last-layer): what each choice reads, as the figure and the printout say it
+LAST_LAYERS = {'fc_norm': "fc_norm on the last block's tokens (a fresh LayerNorm where a model has none)",
+               'norm': "each model's own final norm (its fc_norm, else its trained norm)"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -97,22 +100,25 @@ def attention_entropy(attn):
 # --------------------------------------------------------------------------------------------------
 # Models and data
 # --------------------------------------------------------------------------------------------------
-def build_encoder(spec, args, img_size=None, seed_offset=0):
+def build_encoder(spec, args, img_size=None, seed_offset=0, last_layer='fc_norm'):
     """A VisionTransformer encoder (no head) in eval mode for images of `img_size` (None: a
     checkpoint's native size, 224 for `random`), and a label for plots.
 
     `random`: --model with --patch-size, seeded by --seed (+ seed_offset, so that two random models
-    differ). A checkpoint: its size, patch size and native image size come from its weights. Its
-    final layer is the checkpoint's own final norm: a checkpoint with `fc_norm` (fine-tuned with
-    global pooling) gives a global-pool model, whose last layer is fc_norm on every token; one
-    without (MAE / MAE-Lite pre-training, DeiT) a cls model, whose last layer is its trained `norm`.
-    (MAE-Lite's tool instead puts a fresh, untrained fc_norm on MAE checkpoints: a per-channel affine
-    map away from ours.)"""
+    differ). A checkpoint: its size, patch size and native image size come from its weights.
+    `last_layer` picks the final normed output, CKA's last layer (see LAST_LAYERS):
+      'fc_norm' (the paper's, as MAE-Lite's tool): every model is a global-pool model, whose last layer
+                is fc_norm on the last block's tokens: the checkpoint's own fc_norm when it has one
+                (fine-tuned with global pooling), else a fresh LayerNorm (weight 1, bias 0, eps 1e-6);
+                the trained `norm` of an MAE / MAE-Lite / DeiT checkpoint is left out;
+      'norm':   the checkpoint's own final norm: its fc_norm when it has one, else its trained `norm`
+                (a cls model)."""
     if spec == 'random':
         torch.manual_seed(args.seed + seed_offset)
         img_size = img_size or 224
         check_divisible(img_size, args.patch_size, spec)
-        model = MODELS[args.model](img_size=img_size, patch_size=args.patch_size, num_classes=0)
+        model = MODELS[args.model](img_size=img_size, patch_size=args.patch_size, num_classes=0,
+                                   global_pool=last_layer == 'fc_norm')
         return model.eval(), f"random-init {args.model}"
     state = encoder_state_dict(read_checkpoint(spec))
     if 'cls_token' not in state or 'patch_embed.proj.weight' not in state or 'pos_embed' not in state:
@@ -123,9 +129,11 @@ def build_encoder(spec, args, img_size=None, seed_offset=0):
     patch_size = state['patch_embed.proj.weight'].shape[-1]
     img_size = img_size or math.isqrt(state['pos_embed'].shape[1] - 1) * patch_size
     check_divisible(img_size, patch_size, spec)
+    fresh_fc_norm = last_layer == 'fc_norm'
     model = MODELS[WIDTHS[width]](img_size=img_size, patch_size=patch_size, num_classes=0,
-                                  global_pool='fc_norm.weight' in state)
-    load_pretrained(model, spec, allow_new=())
+                                  global_pool=fresh_fc_norm or 'fc_norm.weight' in state)
+    # a fresh nn.LayerNorm is weight 1, bias 0: it stays so unless the checkpoint brings its fc_norm
+    load_pretrained(model, spec, allow_new=('fc_norm.',) if fresh_fc_norm else ())
     return model.eval(), f"{spec} ({WIDTHS[width]}, patch {patch_size})"
 
 
@@ -158,7 +166,8 @@ def device_of(args):
 
 def layer_features(model, imgs):
     """The depth + 1 layers CKA compares, each (B, N*D): the normed input of every block and the
-    final normed output, patch tokens only (cls removed), flattened per image."""
+    final normed output (a global-pool model's fc_norm on the last block's tokens, else its `norm`;
+    build_encoder decides which), patch tokens only (cls removed), flattened per image."""
     layers = model.encode(imgs, return_layers=True).layers            # depth + 1 of (B, 1 + N, D)
     return [rearrange(x[:, 1:], 'b n d -> b (n d)') for x in layers]
 
@@ -171,12 +180,14 @@ def cka_command(args):
     device = device_of(args)
     # both models see the same images: at --img-size, else at the native size of the model built
     # first, a checkpoint when there is one (a `random` model has no size of its own)
+    last = args.last_layer
     if args.a == 'random' and args.b != 'random':
-        model_b, name_b = build_encoder(args.b, args, args.img_size, seed_offset=1)
-        model_a, name_a = build_encoder(args.a, args, model_b.patch_embed.img_size)
+        model_b, name_b = build_encoder(args.b, args, args.img_size, seed_offset=1, last_layer=last)
+        model_a, name_a = build_encoder(args.a, args, model_b.patch_embed.img_size, last_layer=last)
     else:
-        model_a, name_a = build_encoder(args.a, args, args.img_size)
-        model_b, name_b = build_encoder(args.b, args, model_a.patch_embed.img_size, seed_offset=1)
+        model_a, name_a = build_encoder(args.a, args, args.img_size, last_layer=last)
+        model_b, name_b = build_encoder(args.b, args, model_a.patch_embed.img_size, seed_offset=1,
+                                        last_layer=last)
     img_size = model_a.patch_embed.img_size
     model_a, model_b = model_a.to(device), model_b.to(device)
     # every batch the same size: the estimator averages per-batch HSICs, and needs n > 3
@@ -194,9 +205,11 @@ def cka_command(args):
         writer.writerow(['layer_a \\ layer_b', *range(cka.shape[1])])
         writer.writerows([i, *row] for i, row in enumerate(rows))
     num_images = len(loader) * args.batch_size
-    plot_cka(cka, name_a, name_b, f"{args.data}, {num_images} val images at {img_size} px", out / 'cka.png')
-    print(f"CKA of {name_a} (rows) vs {name_b} (columns) over {num_images} images: "
-          f"{out / 'cka.png'}, {out / 'cka.json'}, {out / 'cka.csv'}")
+    plot_cka(cka, name_a, name_b, f"{args.data}, {num_images} val images at {img_size} px",
+             f"last (--last-layer {last}): {LAST_LAYERS[last]}", out / 'cka.png')
+    print(f"CKA of {name_a} (rows) vs {name_b} (columns) over {num_images} images, last layer "
+          f"(--last-layer {last}) {LAST_LAYERS[last]}: {out / 'cka.png'}, {out / 'cka.json'}, "
+          f"{out / 'cka.csv'}")
     diagonal = cka.diagonal()
     print(f"diagonal (layer i vs layer i, i = 0..{len(diagonal) - 1}): "
           + ' '.join(f"{v:.2f}" for v in diagonal.tolist()))
@@ -250,19 +263,33 @@ def reconstruct_command(args):
         model = load_mae(args.ckpt, args.img_size, args.norm_pix_loss).to(device).eval()
     except ValueError as e:                 # an --img-size that is no multiple of the patch size
         raise RunError(str(e)) from None
-    imgs = torch.stack([img for img, _ in val_images(args, model.patch_embed.img_size)])  # (n, 3, H, W)
+    images = val_images(args, model.patch_embed.img_size)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / 'reconstruction.png'
     patch_embed = model.patch_embed
     size = f"MAE {WIDTHS[model.embed_dim]}, patch {patch_embed.patch_size}, {patch_embed.img_size} px"
-    save_reconstruction_figure(model, imgs, path, f"{args.ckpt} ({size})", normalization(args.data),
+    shown = torch.stack([images[i][0] for i in range(min(6, len(images)))])          # (6, 3, H, W)
+    save_reconstruction_figure(model, shown, path, f"{args.ckpt} ({size})", normalization(args.data),
                                args.mask_ratio, args.seed)
-    torch.manual_seed(args.seed)
-    loss, _, _ = model(imgs.to(device), args.mask_ratio)
-    print(f"reconstruction of {len(imgs)} {args.data} val images: {path}")
-    print(f"{size}, norm_pix_loss {'on' if model.norm_pix_loss else 'off'}: MAE loss on these images "
-          f"{loss.item():.4f} (mask ratio {args.mask_ratio})")
+    loss = held_out_loss(model, images, args.mask_ratio, args.seed, device)
+    (out / 'reconstruction.json').write_text(json.dumps(
+        {'loss': loss, 'num_images': len(images), 'mask_ratio': args.mask_ratio, 'ckpt': str(args.ckpt)}))
+    print(f"reconstruction of {len(shown)} {args.data} val images: {path}")
+    print(f"{size}, norm_pix_loss {'on' if model.norm_pix_loss else 'off'}: MAE loss {loss:.4f} on "
+          f"{len(images)} val images (mask ratio {args.mask_ratio}): {out / 'reconstruction.json'}")
+
+
+def held_out_loss(model, images, mask_ratio, seed, device, batch_size=256):
+    """The MAE loss over a data set, each image weighted alike, with masking noise drawn from `seed` in
+    order: two models with the same patch grid see the very same masks, so their losses compare."""
+    generator = torch.Generator().manual_seed(seed)
+    total = 0.0
+    for imgs, _ in DataLoader(images, batch_size=batch_size):
+        noise = torch.rand(len(imgs), model.patch_embed.num_patches, generator=generator)   # (B, L)
+        loss, _, _ = model(imgs.to(device), mask_ratio, noise.to(device))
+        total += loss.item() * len(imgs)
+    return total / len(images)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -275,8 +302,9 @@ def pyplot():
     return plt
 
 
-def plot_cka(cka, name_a, name_b, about, path):
-    """Heatmap of the CKA matrix, layer 0 at the bottom left, values written in the cells."""
+def plot_cka(cka, name_a, name_b, about, about_last_layer, path):
+    """Heatmap of the CKA matrix, layer 0 at the bottom left, values written in the cells;
+    `about_last_layer` says what the last layer is."""
     plt = pyplot()
     rows, cols = cka.shape
     fig, ax = plt.subplots(figsize=(1.2 + 0.5 * cols, 1.0 + 0.5 * rows))
@@ -290,7 +318,7 @@ def plot_cka(cka, name_a, name_b, about, path):
     ax.set_xlabel(f"layer of B: {name_b}", fontsize=8)
     ax.set_ylabel(f"layer of A: {name_a}", fontsize=8)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label='linear CKA')
-    ax.set_title(f"linear CKA; layer i < depth: input of block i (after norm1), last: final norm\n{about}",
+    ax.set_title(f"linear CKA; layer i < depth: input of block i (after norm1)\n{about_last_layer}\n{about}",
                  fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -316,108 +344,6 @@ def plot_per_head(values, ylabel, about, path):
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
-
-# --------------------------------------------------------------------------------------------------
-# report: the paper in miniature (mini_paper.sh) as one REPORT.md
-# --------------------------------------------------------------------------------------------------
-# the run folders mini_paper.sh writes: (model, pre-training, pre-training run, fine-tune run, probe run)
-MINI_PAPER_ROWS = [
-    ('ViT-Tiny', 'none (supervised from scratch)', None, 'ft_scratch', 'probe_random'),
-    ('ViT-Tiny', 'MAE', 'mae_tiny', 'ft_mae', 'probe_mae'),
-    ('ViT-Tiny', 'D-MAE (teacher: the MAE ViT-Small below)', 'dmae_tiny', 'ft_dmae', 'probe_dmae'),
-    ('ViT-Small', 'MAE (the D-MAE teacher)', 'mae_small_teacher', None, None),
-]
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
-def best_of(run_dir, name, key):
-    """The best value of `key` over the epochs of run `name`'s log.jsonl, or None."""
-    values = [line[key] for line in read_jsonl(run_dir / str(name) / 'log.jsonl') if key in line]
-    return max(values) if values else None
-
-
-def cka_diagonal(run_dir, name):
-    path = run_dir / name / 'cka.json'
-    if not path.exists():
-        return None
-    rows = json.loads(path.read_text())
-    return [rows[i][i] for i in range(min(len(rows), len(rows[0])))]
-
-
-def percent(value):
-    return '-' if value is None else f"{value:.1f}"
-
-
-def claim_sentences(acc, probe, diagonal):
-    """One sentence per claim of the paper (PAPER.md, "What the paper shows") saying whether the
-    miniature agrees, with its numbers; a claim it cannot test is said to be untested."""
-    def verdict(holds):
-        return 'cannot say (a run is missing)' if holds is None else ('agrees' if holds else 'does not agree')
-
-    def greater(a, b):
-        return None if a is None or b is None else a > b
-
-    sentences = [
-        "1. *A vanilla ViT-Tiny pre-trained with MAE and fine-tuned is competitive with hand-designed "
-        "lightweight networks*: not tested (the miniature trains no such network); MAE-Tiny "
-        f"fine-tunes to {percent(acc['mae'])}% top-1.",
-        "2. *MAE pre-training beats supervised training from scratch*: "
-        f"{verdict(greater(acc['mae'], acc['scratch']))} (fine-tuned from MAE {percent(acc['mae'])}% vs "
-        f"from scratch {percent(acc['scratch'])}% top-1; linear probe of MAE {percent(probe['mae'])}% vs "
-        f"random init {percent(probe['scratch'])}%). Its second half, worse transfer to data-insufficient "
-        "tasks, is not tested: it needs a second data set."]
-    if diagonal:
-        third = max(1, len(diagonal) // 3)
-        low, high = sum(diagonal[:third]) / third, sum(diagonal[-third:]) / third
-        sentences.append(
-            "3. *MAE's lower layers matter most, its higher layers learn poorer semantics* (CKA between "
-            f"MAE and the model trained from scratch): {verdict(low > high)} (mean diagonal CKA "
-            f"{low:.2f} over the lowest {third} layers vs {high:.2f} over the highest {third}).")
-    else:
-        sentences.append("3. *MAE's lower layers matter most*: cannot say (no CKA result).")
-    sentences.append(
-        "4. *Distilling a bigger MAE's attention during pre-training (D-MAE) improves fine-tuning*: "
-        f"{verdict(greater(acc['dmae'], acc['mae']))} (D-MAE {percent(acc['dmae'])}% vs MAE "
-        f"{percent(acc['mae'])}% top-1 after fine-tuning; linear probe {percent(probe['dmae'])}% vs "
-        f"{percent(probe['mae'])}%).")
-    return sentences
-
-
-def report_command(args):
-    run_dir = Path(args.run_dir)
-    if not run_dir.is_dir():
-        raise RunError(f"no run folder {run_dir}: run `bash mini_paper.sh {run_dir}` first")
-    seconds = {}
-    for line in read_jsonl(run_dir / 'times.jsonl'):
-        seconds[line['stage']] = seconds.get(line['stage'], 0) + line['seconds']
-    table = ["| model | pre-training | fine-tune top-1 | linear probe top-1 | wall time (min) |",
-             "|---|---|---:|---:|---:|"]
-    acc, probe = {}, {}
-    for (model, pretraining, pre, ft, lp), key in zip(MINI_PAPER_ROWS, ('scratch', 'mae', 'dmae', 'teacher')):
-        acc[key], probe[key] = best_of(run_dir, ft, 'best_top1'), best_of(run_dir, lp, 'top1')
-        minutes = sum(seconds.get(name, 0) for name in (pre, ft, lp) if name) / 60
-        table.append(f"| {model} | {pretraining} | {percent(acc[key])} | {percent(probe[key])} | {minutes:.1f} |")
-    figures = sorted(run_dir.glob('*/*.png'))
-    lines = [
-        "# The paper in miniature", "",
-        f"Every stage of the pipeline on Fashion-MNIST (`bash mini_paper.sh`), in `{run_dir}`; total "
-        f"wall time {sum(seconds.values()) / 60:.1f} min. Top-1 in %, best epoch, on the test images "
-        "each stage evaluated on; a row's wall time adds its pre-training, fine-tuning and probing.", "",
-        *table, "",
-        "## The paper's claims, in miniature", "",
-        *claim_sentences(acc, probe, cka_diagonal(run_dir, 'cka_mae_vs_scratch')), "",
-        "A miniature is minutes of CPU on 28-pixel clothes, not 400 epochs of ImageNet: a claim it does "
-        "not reproduce is not refuted by it, and one it reproduces is not confirmed by it.", "",
-        "## Figures", "",
-        *[f"**{path.parent.name}/{path.name}**\n\n![{path.parent.name}]({path.relative_to(run_dir)})\n"
-          for path in figures],
-    ]
-    (run_dir / 'REPORT.md').write_text('\n'.join(lines) + '\n')
-    print(f"wrote {run_dir / 'REPORT.md'}")
-    print('\n'.join(table))
 
 # --------------------------------------------------------------------------------------------------
 # Flags
@@ -457,6 +383,9 @@ def build_parser():
                                         'Paper: about 1,000 ImageNet val images in batches of 128.')
     p.add_argument('--a', required=True, help='checkpoint, or `random` (rows of the matrix)')
     p.add_argument('--b', required=True, help='checkpoint, or `random` (columns)')
+    p.add_argument('--last-layer', choices=sorted(LAST_LAYERS), default='fc_norm',
+                   help="the last layer: fc_norm on the last block's tokens, fresh for a model without "
+                        "one (paper, as MAE-Lite's tool), or each checkpoint's own trained final norm")
     add_shared_args(p, num_images=1000, batch_size=128)    # paper: ~1,000 ImageNet val images, batch 128
     p.set_defaults(func=cka_command)
 
@@ -468,8 +397,10 @@ def build_parser():
     p.set_defaults(func=attention_command)
 
     p = commands.add_parser('reconstruct', help="an MAE's reconstructions of a few val images",
-                            description='Original / masked / reconstruction of a few val images, with '
-                                        'a fixed masking (--seed).')
+                            description='Original / masked / reconstruction of the first 6 of --num-images '
+                                        'val images with a fixed masking (--seed), and the held-out MAE loss '
+                                        'over all of them (reconstruction.json): two MAEs of the same patch '
+                                        'grid are scored on the very same masks.')
     p.add_argument('--ckpt', required=True, help='MAE pre-training checkpoint that keeps the decoder')
     p.add_argument('--mask-ratio', type=float, default=0.75, help='paper: 0.75')
     p.add_argument('--norm-pix-loss', action=argparse.BooleanOptionalAction, default=None,
@@ -478,13 +409,6 @@ def build_parser():
     add_shared_args(p, num_images=6, random_model=False)
     p.set_defaults(func=reconstruct_command)
 
-    p = commands.add_parser('report', help="collect a mini_paper.sh run into RUN_DIR/REPORT.md",
-                            description="A table in the layout of the paper's (model, pre-training, "
-                                        "fine-tune and probe top-1, wall time), the figures, and one "
-                                        "sentence per claim of the paper saying whether the miniature "
-                                        "agrees.")
-    p.add_argument('run_dir', help='the folder mini_paper.sh wrote')
-    p.set_defaults(func=report_command)
     return parser
 
 

@@ -209,16 +209,19 @@ def measure_in_one_process(rows, args, device):
 
 def measure_data(kind, args, device):
     """The data path alone (img/s of batches), or the MAE step fed by the in-memory loader."""
-    from data import DeviceLoader, build_dataset, build_loader, decode_to_tensor, pretrain_transform
+    from data import (Augmentation, DeviceLoader, build_dataset, build_loader, decode_to_tensor,
+                      per_image_transform)
     subset = args.batch_size * (args.iters + args.warmup + 2)    # enough images for the timed batches
+    augmentation = Augmentation()                                 # pre-training's: crop + flip
     if kind == 'dataloader':
-        dataset, _ = build_dataset(args.data, args.data_root, True, pretrain_transform(args.img_size),
+        dataset, _ = build_dataset(args.data, args.data_root, True,
+                                   per_image_transform(augmentation, args.img_size),
                                    synthetic_size=args.img_size, subset=subset)
         loader = build_loader(dataset, args.batch_size, True, args.num_workers, device)
     else:
         images, labels, _ = decode_to_tensor(args.data, args.data_root, True, args.img_size, subset=subset,
                                              device=device)
-        loader = DeviceLoader(images, labels, args.batch_size, train=True)
+        loader = DeviceLoader(images, labels, args.batch_size, train=True, augmentation=augmentation)
     batches = iter(loader)
     next(batches)                                             # workers started, first batch made
     if kind != 'mae+device_loader':

@@ -6,12 +6,14 @@ whatever its size and mode (grayscale, RGBA, palette), becomes a 3-channel tenso
 """
 import gzip
 import math
+import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageEnhance, ImageOps
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
 from torchvision import datasets
 from torchvision.transforms import InterpolationMode, v2
@@ -23,6 +25,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # offsets, and MAE's norm-pix target of a flat patch a colour pattern). Colour data: ImageNet's.
 GRAYSCALE_STATS = {'fashion_mnist': (0.2860, 0.3530)}     # mean, std of the 60,000 training images
 BICUBIC = InterpolationMode.BICUBIC
+PIL_BICUBIC = Image.Resampling.BICUBIC
 NAMED = ('fashion_mnist', 'cifar10', 'cifar100', 'flowers', 'pets', 'aircraft', 'cars', 'synthetic')
 DEBIAN_FASHION_MNIST = Path('/usr/share/datasets/fashion-mnist')
 
@@ -32,7 +35,7 @@ class DataError(Exception):
 
 
 # --------------------------------------------------------------------------------------------------
-# Transforms: the pre-training, fine-tuning and evaluation recipes
+# Transforms: the pre-training, fine-tuning, probing and evaluation recipes
 # --------------------------------------------------------------------------------------------------
 def normalization(data):
     """(mean, std) per channel for the data set `data` (a name or a folder)."""
@@ -42,60 +45,159 @@ def normalization(data):
     return IMAGENET_MEAN, IMAGENET_STD
 
 
+def fill_colour(stats):
+    """The colour RandAugment fills in where an image was moved away: the data set's mean colour,
+    round(255 x mean) per channel (timm's img_mean): (124, 116, 104) with ImageNet's statistics."""
+    return tuple(min(255, round(255 * m)) for m in stats[0])
+
+
+IMAGENET_FILL = fill_colour((IMAGENET_MEAN, IMAGENET_STD))     # (124, 116, 104)
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """A training recipe's augmentation: the one definition that both data paths apply, per image
+    (`per_image_transform`, the DataLoader's) and in batches on the device (`DeviceLoader`).
+
+    RandomResizedCrop (area share ~ U(min_scale, 1), bicubic) and a horizontal flip, then timm's
+    RandAugment (num_ops, magnitude, magnitude_std) if rand_aug, normalisation with the data set's
+    statistics, and random erasing with probability reprob. The recipes:
+      pre-training  Augmentation(min_scale=0.08)               MAE-Lite's crop (MAE's: 0.2) + flip
+      fine-tuning   Augmentation(0.08, (2, 10, 0.5), reprob=0)  + 'rand-m10-mstd0.5-inc1'
+      probing       Augmentation()                              MAE's linear probe: crop + flip
+    (evaluation: no augmentation, `eval_transform`.) MixUp/CutMix act on batches, in finetune.py."""
+    min_scale: float = 0.08
+    rand_aug: tuple | None = None    # (num_ops, magnitude, magnitude_std) of timm's RandAugment, or None
+    reprob: float = 0.0
+
+    def per_image_ops(self, stats):
+        """-> (RandAugment filling with the data set's mean colour, random erasing with per-pixel normal
+        noise (timm's 'pixel' mode)), each None when the recipe has none: the ops drawn image by image
+        on both paths."""
+        randaugment = RandAugment(*self.rand_aug, fill=fill_colour(stats)) if self.rand_aug else None
+        erasing = v2.RandomErasing(p=self.reprob, value='random') if self.reprob > 0 else None
+        return randaugment, erasing
+
+
 def _to_normalized_tensor(stats):
     return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(*stats)]
 
 
-def pretrain_transform(img_size, min_scale=0.08, stats=(IMAGENET_MEAN, IMAGENET_STD)):
-    """MAE-Lite's pre-training augmentation: RandomResizedCrop with scale (0.08, 1) (MAE used
-    (0.2, 1)), bicubic as official MAE, and a horizontal flip."""
+def per_image_transform(augmentation, img_size, stats=(IMAGENET_MEAN, IMAGENET_STD)):
+    """`augmentation` for one image at a time: PIL image -> float tensor (3, img_size, img_size)."""
+    randaugment, erasing = augmentation.per_image_ops(stats)
     return v2.Compose([
         v2.RGB(),
-        v2.RandomResizedCrop(img_size, scale=(min_scale, 1.0), interpolation=BICUBIC, antialias=True),
+        v2.RandomResizedCrop(img_size, scale=(augmentation.min_scale, 1.0), interpolation=BICUBIC,
+                             antialias=True),
         v2.RandomHorizontalFlip(),
+        *([randaugment] if randaugment else []),
         *_to_normalized_tensor(stats),
+        *([erasing] if erasing else []),
     ])
 
 
-class RandAugmentWithStd(v2.RandAugment):
-    """timm's 'rand-m{M}-mstd{S}': RandAugment whose magnitude is drawn per image from N(M, S) and
-    clipped to [0, 10]. torchvision's RandAugment takes a fixed magnitude bin, so we use 11 bins
-    (0..10, timm's scale: bin 10 is each op's maximum) and round the drawn magnitude to a bin.
-    torchvision's ops already grow in severity with the magnitude, like timm's 'inc1' variants."""
-
-    def __init__(self, num_ops=2, magnitude=10, magnitude_std=0.5):
-        super().__init__(num_ops=num_ops, magnitude=magnitude, num_magnitude_bins=11)
-        self.mean_magnitude, self.magnitude_std = magnitude, magnitude_std
-
-    def forward(self, *inputs):
-        drawn = self.mean_magnitude + self.magnitude_std * torch.randn(()).item()
-        self.magnitude = int(round(min(max(drawn, 0.0), 10.0)))
-        return super().forward(*inputs)
-
-
-def finetune_transform(img_size, min_scale=0.08, rand_aug=(2, 10, 0.5), reprob=0.0,
-                       stats=(IMAGENET_MEAN, IMAGENET_STD)):
-    """Fine-tuning augmentation: RandomResizedCrop (bicubic), flip, RandAugment (num_ops, magnitude,
-    magnitude std; None for none, as the transfer recipe), random erasing with probability `reprob`
-    (per-pixel normal noise, timm's 'pixel' mode). MixUp/CutMix act on batches, in finetune.py."""
-    return v2.Compose([
-        v2.RGB(),
-        v2.RandomResizedCrop(img_size, scale=(min_scale, 1.0), interpolation=BICUBIC, antialias=True),
-        v2.RandomHorizontalFlip(),
-        *([RandAugmentWithStd(*rand_aug)] if rand_aug else []),
-        *_to_normalized_tensor(stats),
-        *([v2.RandomErasing(p=reprob, value='random')] if reprob > 0 else []),
-    ])
+def center_view(img_size, crop_pct=0.875):
+    """The evaluation view: resize the short side to img_size / crop_pct (256 for 224), bicubic, and
+    center-crop img_size."""
+    return [v2.Resize(int(img_size / crop_pct), interpolation=BICUBIC, antialias=True),
+            v2.CenterCrop(img_size)]
 
 
 def eval_transform(img_size, crop_pct=0.875, stats=(IMAGENET_MEAN, IMAGENET_STD)):
-    """Resize the short side to img_size / crop_pct (256 for 224), bicubic, then center-crop."""
-    return v2.Compose([
-        v2.RGB(),
-        v2.Resize(int(img_size / crop_pct), interpolation=BICUBIC, antialias=True),
-        v2.CenterCrop(img_size),
-        *_to_normalized_tensor(stats),
-    ])
+    """The evaluation view of one image, normalised: PIL image -> float tensor (3, img_size, img_size)."""
+    return v2.Compose([v2.RGB(), *center_view(img_size, crop_pct), *_to_normalized_tensor(stats)])
+
+
+# --------------------------------------------------------------------------------------------------
+# RandAugment as timm's 'rand-n{N}-m{M}-mstd{S}-inc1' (the paper's 'rand-m10-mstd0.5-inc1')
+# --------------------------------------------------------------------------------------------------
+def _signed(value):
+    """value or -value at even odds (the signed ops go either way)."""
+    return -value if torch.rand(()).item() < 0.5 else value
+
+
+def _enhance(enhancer):
+    """The op of a PIL enhancer at factor 1 +- 0.9 level, at least 0.1 (factor 1 keeps the image)."""
+    return lambda img, level, fill: enhancer(img).enhance(max(0.1, 1.0 + _signed(0.9 * level)))
+
+
+def _affine(img, fill, shear=(0, 0), shift=(0, 0)):
+    """Output pixel (x, y) <- input pixel (x + shear_x y + shift_x, shear_y x + y + shift_y), bicubic;
+    pixels from outside the image get the fill colour."""
+    matrix = (1, shear[0], shift[0], shear[1], 1, shift[1])
+    return img.transform(img.size, Image.Transform.AFFINE, matrix, resample=PIL_BICUBIC, fillcolor=fill)
+
+
+def _posterize(img, bits):
+    """Keep the `bits` high bits of each channel value; 0 bits: black (current Pillow refuses 0 bits;
+    older Pillow, which timm was written against, gave black)."""
+    return ImageOps.posterize(img, bits) if bits else Image.new(img.mode, img.size)
+
+
+def _solarize_add(img, add):
+    """Channel values v < 128 become min(255, v + add); the others stay."""
+    return img.point([min(255, v + add) if v < 128 else v for v in range(256)] * len(img.getbands()))
+
+
+# op(img, level, fill), level = magnitude / 10 in [0, 1]: timm's '-inc1' set (_RAND_INCREASING_TRANSFORMS),
+# each op more severe as the level grows; no identity op
+RAND_AUGMENT_OPS = {
+    'AutoContrast': lambda img, level, fill: ImageOps.autocontrast(img),
+    'Equalize': lambda img, level, fill: ImageOps.equalize(img),
+    'Invert': lambda img, level, fill: ImageOps.invert(img),
+    'Rotate': lambda img, level, fill: img.rotate(_signed(30 * level), resample=PIL_BICUBIC, fillcolor=fill),
+    'PosterizeIncreasing': lambda img, level, fill: _posterize(img, 4 - int(4 * level)),     # 4 .. 0 bits
+    'SolarizeIncreasing': lambda img, level, fill: ImageOps.solarize(img, 256 - int(256 * level)),
+    'SolarizeAdd': lambda img, level, fill: _solarize_add(img, int(110 * level)),
+    'ColorIncreasing': _enhance(ImageEnhance.Color),
+    'ContrastIncreasing': _enhance(ImageEnhance.Contrast),
+    'BrightnessIncreasing': _enhance(ImageEnhance.Brightness),
+    'SharpnessIncreasing': _enhance(ImageEnhance.Sharpness),
+    'ShearX': lambda img, level, fill: _affine(img, fill, shear=(_signed(0.3 * level), 0)),
+    'ShearY': lambda img, level, fill: _affine(img, fill, shear=(0, _signed(0.3 * level))),
+    'TranslateXRel': lambda img, level, fill: _affine(img, fill, shift=(_signed(0.45 * level) * img.width, 0)),
+    'TranslateYRel': lambda img, level, fill: _affine(img, fill, shift=(0, _signed(0.45 * level) * img.height)),
+}
+
+
+class RandAugment:
+    """timm's RandAugment with magnitude noise: num_ops times, an op picked uniformly from the 15 of
+    RAND_AUGMENT_OPS (with replacement) runs with probability 0.5, at a magnitude drawn for it from
+    N(magnitude, magnitude_std) clipped to [0, 10]. Takes a PIL RGB image, or a uint8 tensor (3, H, W),
+    which goes through the same PIL ops and comes back to its device, so both paths draw alike."""
+
+    def __init__(self, num_ops=2, magnitude=10, magnitude_std=0.5, fill=IMAGENET_FILL):
+        self.num_ops, self.magnitude, self.magnitude_std, self.fill = num_ops, magnitude, magnitude_std, fill
+
+    def draw(self):
+        """-> [(op name, magnitude)], the ops to apply to one image, in order."""
+        names = list(RAND_AUGMENT_OPS)
+        picked = torch.randint(len(names), (self.num_ops,)).tolist()
+        runs = (torch.rand(self.num_ops) < 0.5).tolist()
+        magnitudes = (self.magnitude + self.magnitude_std * torch.randn(self.num_ops)).clamp(0, 10).tolist()
+        return [(names[i], m) for i, run, m in zip(picked, runs, magnitudes) if run]
+
+    def __call__(self, img):
+        if isinstance(img, torch.Tensor):
+            as_pil = v2.functional.to_pil_image(img.cpu())                      # (3, H, W) uint8 -> PIL
+            return v2.functional.pil_to_tensor(self(as_pil)).to(img.device)
+        for name, magnitude in self.draw():
+            img = RAND_AUGMENT_OPS[name](img, magnitude / 10, self.fill)
+        return img
+
+
+def rand_augment(spec):
+    """timm's RandAugment spec -> RandAugment (ImageNet's fill), or None for 'none'. 'm10-mstd0.5' (2
+    ops, magnitude 10, std 0.5), 'n3-m9' (3 ops, magnitude 9, no noise), optionally as 'rand-...-inc1'.
+    The op set is always timm's increasing one ('inc1'), the paper's. A bad spec raises ValueError."""
+    if spec.lower() == 'none':
+        return None
+    match = re.fullmatch(r'(?:rand-)?(?:n(\d+)-)?m(\d+)(?:-mstd(\d+(?:\.\d*)?))?(?:-inc1)?', spec)
+    if not match or int(match[2]) > 10:
+        raise ValueError(f"'{spec}' is not a RandAugment spec: expected timm's e.g. 'm10-mstd0.5' (2 ops, "
+                         f"magnitude 0..10, magnitude std), 'n3-m9', optionally 'rand-...-inc1', or 'none'")
+    return RandAugment(int(match[1] or 2), int(match[2]), float(match[3] or 0.0))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -298,10 +400,11 @@ def build_loader(dataset, batch_size, train, num_workers, device, seed=0, rank=0
 # training device and augmented there in batches, so no per-image Python runs during training
 # --------------------------------------------------------------------------------------------------
 def decode_to_tensor(data, root, train, size, crop_pct=1.0, subset=0, classes=(), device='cpu'):
-    """-> (images uint8 (N, 3, size, size) on device, labels (N,), num_classes). Each image is resized
-    (short side size / crop_pct, bicubic) and center-cropped; crop_pct=1 keeps the whole square image
-    for training, 0.875 gives the evaluation view."""
-    geometry = [v2.Resize(int(size / crop_pct), interpolation=BICUBIC, antialias=True), v2.CenterCrop(size)]
+    """-> (images uint8 (N, 3, size, size) on device, labels (N,), num_classes). crop_pct=1 gives the
+    training view, each image resized to size x size, in which DeviceLoader draws its crops; 0.875 the
+    evaluation view (`center_view`). A training view of non-square images would keep only their center
+    square, and crops could not reach the sides: refused, such images train on the per-image path."""
+    geometry = center_view(size, crop_pct)
     dataset, num_classes = build_dataset(data, root, train, transform=None, synthetic_size=size,
                                          subset=subset, classes=classes)
     base, keep = (dataset.dataset, dataset.indices) if isinstance(dataset, Selection) else (dataset, None)
@@ -317,6 +420,13 @@ def decode_to_tensor(data, root, train, size, crop_pct=1.0, subset=0, classes=()
     else:                                                   # image files: decode one by one, once
         to_tensor = v2.Compose([v2.RGB(), *geometry, v2.PILToTensor()])
         pairs = [dataset[i] for i in range(len(dataset))]
+        not_square = [img.size for img, _ in pairs if img.width != img.height]
+        if crop_pct == 1.0 and not_square:
+            raise DataError(f"--data-on-device: {len(not_square)} of {len(pairs)} training images of "
+                            f"{data} are not square (e.g. {not_square[0][0]}x{not_square[0][1]}); the "
+                            f"in-memory path keeps a square of each, which cuts off sides that crops "
+                            f"reach: train without --data-on-device (the per-image path crops from the "
+                            f"whole image)")
         pairs = [(to_tensor(img), label) for img, label in pairs]
         images = torch.stack([img for img, _ in pairs]).to(device)
         labels = torch.tensor([label for _, label in pairs])
@@ -372,27 +482,28 @@ class TensorBatches:
 
 class DeviceLoader(TensorBatches):
     """Batches of a decoded data set (uint8 images (N, 3, S, S)), sliced, augmented and normalised on
-    its device."""
+    its device. `augmentation` (None: the images as decoded) is applied as `per_image_transform` does:
+    the crop and flip for the whole batch at once, RandAugment and random erasing image by image (each
+    draws one choice per call, and each image needs its own); RandAugment's ops are PIL's."""
 
-    def __init__(self, images, labels, batch_size, train, min_scale=0.08, rand_aug=None, reprob=0.0,
+    def __init__(self, images, labels, batch_size, train, augmentation=None,
                  stats=(IMAGENET_MEAN, IMAGENET_STD), seed=0, rank=0, world_size=1):
         super().__init__(images, labels, batch_size, train, seed, rank, world_size)
-        self.min_scale = min_scale
-        # fine-tuning's RandAugment and random erasing: a v2 transform draws one choice per call, so
-        # these run image by image (still on the device) to keep the randomness per image
-        self.rand_aug = RandAugmentWithStd(*rand_aug) if train and rand_aug else None
-        self.erase = v2.RandomErasing(p=reprob, value='random') if train and reprob > 0 else None
+        self.augmentation = augmentation
+        self.randaugment, self.erasing = augmentation.per_image_ops(stats) if augmentation else (None, None)
         self.mean = torch.tensor(stats[0], device=images.device).view(1, 3, 1, 1)
         self.std = torch.tensor(stats[1], device=images.device).view(1, 3, 1, 1)
 
     def __iter__(self):
         for idx in self.batch_indices():
-            imgs = self.inputs[idx].float() / 255                           # (B, 3, S, S)
-            if self.train:
-                imgs = batched_resized_crop_flip(imgs, imgs.shape[-1], self.min_scale).clamp(0, 1)
-            if self.rand_aug:
-                imgs = torch.stack([self.rand_aug(img) for img in imgs])
+            imgs = self.inputs[idx].float() / 255                                   # (B, 3, S, S)
+            if self.augmentation:
+                imgs = batched_resized_crop_flip(imgs, imgs.shape[-1], self.augmentation.min_scale)
+                imgs = imgs.clamp(0, 1)
+            if self.randaugment:     # PIL ops on uint8 images, as per image: to the CPU and back once
+                as_uint8 = (imgs * 255).round().to(torch.uint8).cpu()
+                imgs = torch.stack([self.randaugment(img) for img in as_uint8]).to(imgs.device) / 255
             imgs = (imgs - self.mean) / self.std
-            if self.erase:
-                imgs = torch.stack([self.erase(img) for img in imgs])
+            if self.erasing:
+                imgs = torch.stack([self.erasing(img) for img in imgs])
             yield imgs, self.labels[idx]

@@ -19,14 +19,13 @@ Recipes: `--config configs/finetune_tiny_imagenet_improved.yaml` (the paper's 30
 `--eval-only --init CKPT` evaluates a fine-tuned checkpoint and prints its top-1 and top-5.
 """
 import argparse
-import re
 
 import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-from data import (DeviceLoader, build_dataset, build_loader, decode_to_tensor, eval_transform,
-                  finetune_transform, normalization)
+from data import (Augmentation, DeviceLoader, build_dataset, build_loader, decode_to_tensor,
+                  eval_transform, normalization, per_image_transform, rand_augment)
 from training import (EpochProgress, Run, RunError, add_common_args, adamw, append_log, load_resume_checkpoint,
                       lr_at, no_sync_unless, parse_args, prepare_log, run_main, save_checkpoint,
                       seed_everything, set_lr)
@@ -68,17 +67,14 @@ def layer_decay_groups(model, weight_decay, layer_decay):
 
 
 def parse_rand_aug(spec):
-    """timm's RandAugment spec -> (num_ops, magnitude, magnitude_std) for data.finetune_transform, or
-    None for 'none'. 'm10-mstd0.5' (the paper's 'rand-m10-mstd0.5-inc1') -> (2, 10, 0.5); 'n3-m9' ->
-    (3, 9, 0.0). The magnitude is drawn per image from N(m, mstd) and rounded to torchvision's integer
-    bins (see data.RandAugmentWithStd); 'inc1' is accepted as torchvision's ops already grow with it."""
-    if spec.lower() == 'none':
-        return None
-    match = re.fullmatch(r'(?:rand-)?(?:n(\d+)-)?m(\d+)(?:-mstd(\d+(?:\.\d*)?))?(?:-inc1)?', spec)
-    if not match or int(match[2]) > 10:
-        raise RunError(f"--rand-aug '{spec}': expected e.g. 'm10-mstd0.5' (2 ops, magnitude 0..10, "
-                       f"magnitude std), 'n3-m9', or 'none'")
-    return int(match[1] or 2), int(match[2]), float(match[3] or 0.0)
+    """--rand-aug, timm's RandAugment spec (data.rand_augment) -> (num_ops, magnitude, magnitude_std)
+    for data.Augmentation, or None for 'none': 'm10-mstd0.5' (the paper's 'rand-m10-mstd0.5-inc1')
+    -> (2, 10, 0.5); 'n3-m9' -> (3, 9, 0.0). A bad spec stops the run with one line."""
+    try:
+        augment = rand_augment(spec)
+    except ValueError as e:
+        raise RunError(f"--rand-aug: {e}") from None
+    return augment and (augment.num_ops, augment.magnitude, augment.magnitude_std)
 
 
 def build_batch_mixing(mixup, cutmix, num_classes):
@@ -120,6 +116,9 @@ def build_parser():
     g.add_argument('--val-subset', type=int, default=0,
                    help='evaluate on a fixed random sample of this many validation images (0: all), '
                         'for quick runs')
+    g.add_argument('--crop-pct', type=float, default=0.875,
+                   help='the eval view: resize to img-size / crop-pct (bicubic), center crop (paper: 0.875; '
+                        '1.0 shows the whole image, for tiny images such as 28 px ones)')
     g.add_argument('--eval-every', type=int, default=1,
                    help='evaluate every this many epochs, and always after the last one')
 
@@ -127,8 +126,9 @@ def build_parser():
     g.add_argument('--min-crop-scale', type=float, default=0.08,
                    help='RandomResizedCrop scale lower bound (paper: 0.08)')
     g.add_argument('--rand-aug', default='m10-mstd0.5',
-                   help="RandAugment as timm's spec: 2 ops, magnitude 10, magnitude std 0.5 (paper: "
-                        "'m10-mstd0.5'; MAE default: 'm9-mstd0.5'; transfer: 'none')")
+                   help="timm's RandAugment 'rand-m10-mstd0.5-inc1': 2 ops of timm's 15, each run with "
+                        "probability 0.5 at a magnitude ~ N(10, 0.5) (paper: 'm10-mstd0.5'; MAE default: "
+                        "'m9-mstd0.5'; transfer: 'none')")
     g.add_argument('--reprob', type=float, default=0.0,
                    help='random erasing probability (paper: 0; MAE default: 0.25)')
     g.add_argument('--mixup', type=float, default=0.2, help='MixUp alpha, 0 = off (paper: 0.2; MAE: 0.8)')
@@ -192,7 +192,7 @@ def evaluate(model, loader, run, amp):
 
 
 def build_val_loader(args, run):
-    """-> (loader, images, classes) of the validation set, in the eval view: resize to size / 0.875
+    """-> (loader, images, classes) of the validation set, in the eval view: resize to size / crop_pct
     (bicubic), center crop."""
     return build_eval_loader(args, run, train=False, subset=args.val_subset)
 
@@ -201,14 +201,15 @@ def build_eval_loader(args, run, train, subset):
     """-> (loader, images, classes) of the train or val split in the eval view."""
     if args.data_on_device:
         images, labels, num_classes = decode_to_tensor(args.data, args.data_root, train, args.img_size,
-                                                       crop_pct=0.875, subset=subset, classes=args.classes,
+                                                       crop_pct=args.crop_pct, subset=subset, classes=args.classes,
                                                        device=run.device)
         loader = DeviceLoader(images, labels, args.batch_size, train=False, stats=normalization(args.data),
                               rank=run.rank, world_size=run.world_size)
         return loader, len(images), num_classes
     dataset, num_classes = build_dataset(args.data, args.data_root, train=train, subset=subset,
                                          classes=args.classes, synthetic_size=args.img_size,
-                                         transform=eval_transform(args.img_size, stats=normalization(args.data)))
+                                         transform=eval_transform(args.img_size, args.crop_pct,
+                                                                  normalization(args.data)))
     loader = build_loader(dataset, args.batch_size, train=False, num_workers=args.num_workers,
                           device=run.device, rank=run.rank, world_size=run.world_size)
     return loader, len(dataset), num_classes
@@ -217,19 +218,18 @@ def build_eval_loader(args, run, train, subset):
 def build_train_loader(args, run, rand_aug):
     """-> (loader, images, classes) of the training set with the fine-tuning augmentation (per image,
     or on the device in batches with --data-on-device)."""
+    augmentation = Augmentation(args.min_crop_scale, rand_aug, args.reprob)
     stats = normalization(args.data)
     if args.data_on_device:
         images, labels, num_classes = decode_to_tensor(args.data, args.data_root, True, args.img_size,
                                                        subset=args.subset, classes=args.classes,
                                                        device=run.device)
-        loader = DeviceLoader(images, labels, args.batch_size, train=True, min_scale=args.min_crop_scale,
-                              rand_aug=rand_aug, reprob=args.reprob, stats=stats, seed=args.seed,
-                              rank=run.rank, world_size=run.world_size)
+        loader = DeviceLoader(images, labels, args.batch_size, train=True, augmentation=augmentation,
+                              stats=stats, seed=args.seed, rank=run.rank, world_size=run.world_size)
         return loader, len(images), num_classes
     dataset, num_classes = build_dataset(
         args.data, args.data_root, train=True, synthetic_size=args.img_size, subset=args.subset,
-        classes=args.classes,
-        transform=finetune_transform(args.img_size, args.min_crop_scale, rand_aug, args.reprob, stats))
+        classes=args.classes, transform=per_image_transform(augmentation, args.img_size, stats))
     loader = build_loader(dataset, args.batch_size, train=True, num_workers=args.num_workers,
                           device=run.device, seed=args.seed, rank=run.rank, world_size=run.world_size)
     return loader, len(dataset), num_classes
@@ -316,7 +316,7 @@ def main(argv=None):
         if run.is_main:
             append_log(log, record)
             state = dict(stage=STAGE, epoch=epoch, args=vars(args), model=model.state_dict(),
-                         optimizer=optimizer.state_dict(), best_top1=best_top1)
+                         optimizer=optimizer.state_dict(), top1=record.get('val_top1'), best_top1=best_top1)
             if record.get('val_top1') == best_top1:   # before the last checkpoint: a crash in between
                 save_checkpoint(run.output_dir / 'best.pth', **state)   # only repeats this epoch
             save_checkpoint(run.output_dir / 'checkpoint.pth', **state)

@@ -7,13 +7,18 @@ is read against) is frozen; only a head is trained on its feature of each image:
                      or fc_norm(mean of the patch tokens) (--feature avg)
     logits (B, C)  = Linear(BatchNorm1d(feature, affine=False, eps=1e-6))
 
-with LARS (momentum 0.9, weight decay 0), lr = blr x batch / 256 (blr 0.1, batch 16384), 10 warmup
-epochs of 90 then cosine to 0, and RandomResizedCrop + flip as the only augmentation. Top-1 and top-5
-on the validation set go to log.jsonl after each epoch. The checkpoint holds the encoder's weights,
-unchanged, next to the head: `--eval-only --resume CHECKPOINT` evaluates it alone. On a small data
-set blr 0.1 barely moves the head: a LARS step is a fixed fraction of the weight's norm, so lr x
-steps is what counts (ImageNet: ~7,000 steps at lr 6.4); configs/linprobe_fashion_mnist_quick.yaml
-keeps those and sets --lr.
+with LARS (momentum 0.9, weight decay 0), 10 warmup epochs of 90 then cosine to 0, and
+RandomResizedCrop + flip as the only augmentation. Top-1 and top-5 on the validation set go to
+log.jsonl after each epoch. The checkpoint holds the encoder's weights, unchanged, next to the head:
+`--eval-only --resume CHECKPOINT` evaluates it alone.
+
+The lr. Official MAE scales it with the batch, lr = blr x batch / 256 with blr 0.1, and probes at a
+batch of 16384: lr 6.4 (configs/linprobe_tiny_imagenet.yaml keeps exactly that). But a LARS step moves
+each weight matrix by a fixed share of its own norm (lr x 0.001 per step, x10 with momentum), whatever
+the batch: at a batch of 512, blr 0.1 gives lr 0.2, 32 times smaller steps, and on a small data set
+(a few hundred steps) the head barely leaves its initialisation and scores below chance. So by default
+(no --lr, no --blr) the probe uses the protocol's lr, 6.4, at any batch, and says so; --blr 0.1
+restores the batch scaling.
 
 Fast mode, --cached-features: the frozen encoder runs once over the train and val images (eval
 transform: resize + center crop, no augmentation); the features are cached on disk in the output
@@ -37,13 +42,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import TensorBatches, build_dataset, build_loader, eval_transform, finetune_transform, normalization
+from data import (Augmentation, TensorBatches, build_dataset, build_loader, eval_transform, normalization,
+                  per_image_transform)
 from training import (EpochProgress, Run, RunError, add_common_args, append_log, load_resume_checkpoint,
                       lr_at, no_sync_unless, parse_args, prepare_log, run_main, save_checkpoint,
                       seed_everything, set_lr)
 from vit import MODELS, load_pretrained, read_checkpoint
 
 STAGE = 'linear_probe'
+PROTOCOL_LR = 0.1 * 16384 / 256     # official MAE: blr 0.1 at an effective batch of 16384 -> 6.4
 
 
 # --------------------------------------------------------------------------------------------------
@@ -146,7 +153,7 @@ def cached_features(model, train_set, val_set, run, args):
     images; otherwise extracted now and saved there. -> dict of (N, D) features and (N,) labels."""
     key = dict(encoder=encoder_fingerprint(model), model=args.model, feature=args.feature,
                data=str(args.data), data_root=str(args.data_root), img_size=args.img_size,
-               subset=args.subset, val_subset=args.val_subset, classes=args.classes)
+               subset=args.subset, val_subset=args.val_subset, classes=args.classes, crop_pct=args.crop_pct)
     path = run.output_dir / 'features.pt'
     if path.exists():
         cache = read_checkpoint(path)
@@ -164,12 +171,33 @@ def cached_features(model, train_set, val_set, run, args):
     return cache
 
 
+@torch.no_grad()
+def knn_top1(train_features, train_labels, val_features, val_labels, k=20, temperature=0.07, chunk=1024):
+    """A second readout of the same frozen features, with nothing trained: the weighted k-nearest-
+    neighbour classifier of Wu et al. 2018 (as in DINO). Each val feature's k most cosine-similar
+    training features vote for their classes with weight exp(similarity / temperature); top-1 (%)."""
+    train = F.normalize(train_features, dim=1)                                  # (N, D)
+    num_classes = int(train_labels.max()) + 1
+    hits = 0
+    for start in range(0, len(val_features), chunk):
+        similarity = F.normalize(val_features[start:start + chunk], dim=1) @ train.T   # (b, N)
+        top_similarity, top_idx = similarity.topk(min(k, len(train)), dim=1)          # (b, k)
+        votes = torch.zeros(len(similarity), num_classes, device=similarity.device)
+        votes.scatter_add_(1, train_labels[top_idx], (top_similarity / temperature).exp())
+        hits += (votes.argmax(dim=1) == val_labels[start:start + chunk]).sum().item()
+    return 100 * hits / len(val_features)
+
+
 # --------------------------------------------------------------------------------------------------
 # Training and evaluation
 # --------------------------------------------------------------------------------------------------
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, epochs=90, warmup_epochs=10, batch_size=512, blr=0.1, weight_decay=0.0)
+    parser.set_defaults(blr=None)
+    next(a for a in parser._actions if a.dest == 'blr').help = (
+        f'base lr per 256 images, lr = blr x effective batch / 256 (official MAE: 0.1 at batch 16384). '
+        f'Default: none, and lr {PROTOCOL_LR:g} at any batch (LARS steps are relative; see above)')
     g = parser.add_argument_group('linear probe')
     g.add_argument('--feature', default='cls', choices=['cls', 'avg'],
                    help='what the head sees: the normed cls token (official MAE), or fc_norm of the '
@@ -184,6 +212,9 @@ def build_parser():
                    help='evaluate the --resume checkpoint on the val images and exit')
     g.add_argument('--val-subset', type=int, default=0,
                    help='evaluate on a fixed random sample of this many val images (0: all), for quick runs')
+    g.add_argument('--crop-pct', type=float, default=0.875,
+                   help='the eval view: resize to img-size / crop-pct (bicubic), center crop (official: 0.875; '
+                        '1.0 shows the whole image, for tiny images such as 28 px ones)')
     return parser
 
 
@@ -239,7 +270,13 @@ def main(argv=None):
     args = parse_args(build_parser(), argv)
     if args.eval_only and not args.resume:
         raise RunError("--eval-only evaluates a probe checkpoint: pass it with --resume PATH")
+    default_lr = args.lr is None and args.blr is None
+    if default_lr:
+        args.lr = PROTOCOL_LR
     run = Run(args)
+    if default_lr and run.is_main:
+        print(f"lr {PROTOCOL_LR:g}: the protocol's LARS lr, kept at any batch size (pass --blr 0.1 to "
+              f"scale it with the batch as official MAE)", flush=True)
     if args.cached_features and run.distributed:
         raise RunError("--cached-features runs in one process (the head trains in seconds): "
                        "run it without torchrun")
@@ -248,13 +285,13 @@ def main(argv=None):
     # data ------------------------------------------------------------------------------------------
     # the full protocol augments (RandomResizedCrop + flip); the cache holds one center crop per image
     stats = normalization(args.data)
-    train_transform = (eval_transform(args.img_size, stats=stats) if args.cached_features
-                       else finetune_transform(args.img_size, rand_aug=None, stats=stats))
+    train_transform = (eval_transform(args.img_size, args.crop_pct, stats) if args.cached_features
+                       else per_image_transform(Augmentation(), args.img_size, stats))
     train_set, num_classes = build_dataset(args.data, args.data_root, train=True,
                                            transform=train_transform, synthetic_size=args.img_size,
                                            subset=args.subset, classes=args.classes)
     val_set, _ = build_dataset(args.data, args.data_root, train=False,
-                               transform=eval_transform(args.img_size, stats=stats), synthetic_size=args.img_size,
+                               transform=eval_transform(args.img_size, args.crop_pct, stats), synthetic_size=args.img_size,
                                subset=args.val_subset, classes=args.classes)
 
     # model and optimizer ---------------------------------------------------------------------------
@@ -280,6 +317,8 @@ def main(argv=None):
         # the encoder never runs again: the head alone is the classifier of cached features, fed in
         # the image loader's sampler order, so it sees the very batches of the full protocol
         features = cached_features(model, train_set, val_set, run, args)
+        knn = knn_top1(features['train'], features['train_labels'], features['val'], features['val_labels'])
+        print(f"kNN top-1 (k=20, cosine, T=0.07) of the cached features: {knn:.2f}", flush=True)
         classifier = run.wrap(model.head, args.compile)
         loader = TensorBatches(features['train'], features['train_labels'], args.batch_size,
                                train=True, seed=args.seed)
@@ -303,6 +342,8 @@ def main(argv=None):
         loader.sampler.set_epoch(epoch)
         stats = train_one_epoch(classifier, model.head, loader, optimizer, epoch, run, args)
         stats.update(evaluate(classifier, model.head, val_loader, run, args))
+        if args.cached_features and epoch + 1 == args.epochs:
+            stats['knn_top1'] = knn
         if run.is_main:
             append_log(log, {'epoch': epoch, **stats})
             if (epoch + 1) % save_every == 0 or epoch + 1 == args.epochs:

@@ -1,13 +1,23 @@
 #!/usr/bin/env bash
-# The paper in miniature: every stage of the pipeline on Fashion-MNIST, then RUN_DIR/REPORT.md with
-# the paper's table and one sentence per claim. About 30 minutes on a 2-core laptop CPU.
+# The paper in miniature: its four claims tested on Fashion-MNIST on a laptop CPU, with seeds and error
+# bars, then RUN_DIR/REPORT.md and RUN_DIR/report.json (mini_report.py). About 30 minutes on 2 cores.
 #
 #   bash mini_paper.sh [RUN_DIR] [--full | --smoke]
 #
-#   --full   on a GPU: all 60,000 training images and longer schedules (same steps, same order)
+#   --full   on a GPU: longer schedules and more labels (same stages, same order)
 #   --smoke  seconds per stage, to check the pipeline end to end (the tests use it); numbers mean nothing
 #
-# Each `stage NAME command...` line below is one stage: copy the command after the name to run it alone.
+# The regime. Pre-training sees the images of 5 classes only (SOURCE: T-shirt, trouser, pullover, dress,
+# coat), without labels; the downstream task is the other 5 (TARGET: sandal, shirt, sneaker, bag, ankle
+# boot), which no pre-training saw. Fine-tunes use a few labels per class (a fixed stratified sample),
+# one recipe for every init (layer decay 0.85 for pre-trained encoders, none from scratch), several
+# seeds each, and are checked to fit their own training images.
+#   claim 1  fine-tune on SOURCE labels: from MAE vs from scratch
+#   claim 2  fine-tune on TARGET labels: from supervised pre-training (SOURCE labels) vs from MAE
+#   claim 3  layer CKA between MAE and the supervised reference: lower layers vs higher layers
+#   claim 4  fine-tune on SOURCE labels: from D-MAE (teacher: a ViT-Small MAE trained longer) vs from MAE
+#
+# Each `stage NAME command...` line is one stage: copy the command after the name to run it alone.
 set -euo pipefail
 cd "$(dirname "$0")"
 RUN=runs/mini_paper
@@ -22,16 +32,18 @@ for arg in "$@"; do
 done
 PY=${PYTHON:-python}
 EXTRA=${MINI_PAPER_ARGS:-}     # e.g. MINI_PAPER_ARGS="--data-root /data" for every stage
+SOURCE=0,1,2,3,4
+TARGET=5,6,7,8,9
 
-# schedule overrides on top of the quick configs: pre-training, fine-tuning, probing, analysis
+# schedules on top of the quick configs: MAE, teacher, D-MAE, supervised reference, fine-tunes, probes
 case $SIZE in
-  quick) PRE=""; FT=""; LP=""; AN="--num-images 500" ;;
-  full)  PRE="--subset 0 --epochs 100 --warmup-epochs 10 --batch-size 256"
-         FT="--subset 0 --val-subset 0 --epochs 50 --warmup-epochs 5"
-         LP="--subset 0 --epochs 90"; AN="--num-images 2000" ;;
-  smoke) PRE="--img-size 16 --subset 128 --epochs 1 --batch-size 64"
-         FT="--img-size 16 --subset 128 --val-subset 64 --epochs 1 --batch-size 64"
-         LP="--img-size 16 --subset 128 --val-subset 64 --epochs 2 --batch-size 64"; AN="--num-images 64 --batch-size 32" ;;
+  quick) MAE=""; TEACHER=""; DMAE=""; SUP=""; FT=""; PROBE=""; AN=""; SEEDS="0 1 2" ;;
+  full)  MAE="--epochs 100 --warmup-epochs 10"; TEACHER="--epochs 200 --warmup-epochs 20"
+         DMAE="--epochs 100 --warmup-epochs 10"; SUP="--subset 0 --epochs 30"
+         FT="--subset 1000 --epochs 100"; PROBE="--subset 0"; AN="--num-images 2000"; SEEDS="0 1 2 3 4" ;;
+  smoke) S="--img-size 14 --subset 64 --epochs 1 --warmup-epochs 0 --batch-size 32"
+         MAE=$S; TEACHER=$S; DMAE=$S; SUP=$S; FT="$S --val-subset 64"; PROBE="$S --val-subset 64"
+         AN="--num-images 64 --batch-size 32"; SEEDS="0 1" ;;
 esac
 mkdir -p "$RUN"
 stage() {   # stage NAME command...: run one stage, record its wall time in RUN/times.jsonl
@@ -42,28 +54,42 @@ stage() {   # stage NAME command...: run one stage, record its wall time in RUN/
   echo "{\"stage\": \"$name\", \"seconds\": $((SECONDS - start))}" >> "$RUN/times.jsonl"
 }
 rm -f "$RUN/times.jsonl"
+FINETUNE="$PY finetune.py --config configs/finetune_fashion_mnist_quick.yaml"
+PROBE_CMD="$PY linear_probe.py --config configs/linprobe_fashion_mnist_quick.yaml"
 
-# 1. pre-training: MAE of ViT-Tiny, MAE of a bigger teacher (ViT-Small), D-MAE of ViT-Tiny from it
-stage mae_tiny $PY pretrain_mae.py --config configs/mae_tiny_fashion_mnist_quick.yaml $PRE $EXTRA --output-dir $RUN/mae_tiny
-stage mae_small_teacher $PY pretrain_mae.py --config configs/mae_small_teacher_fashion_mnist_quick.yaml $PRE $EXTRA --output-dir $RUN/mae_small_teacher
-stage dmae_tiny $PY pretrain_distill.py --config configs/dmae_tiny_fashion_mnist_quick.yaml --teacher $RUN/mae_small_teacher/checkpoint.pth $PRE $EXTRA --output-dir $RUN/dmae_tiny
+# 1. pre-training on the SOURCE images: MAE-Tiny, a bigger MAE teacher (ViT-Small, more image-passes),
+#    D-MAE-Tiny from that teacher (all three without labels), and the supervised reference (with labels)
+stage mae_tiny $PY pretrain_mae.py --config configs/mae_tiny_fashion_mnist_quick.yaml --classes $SOURCE $MAE $EXTRA --output-dir $RUN/mae_tiny
+stage mae_teacher $PY pretrain_mae.py --config configs/mae_small_teacher_fashion_mnist_quick.yaml --classes $SOURCE $TEACHER $EXTRA --output-dir $RUN/mae_teacher
+stage dmae_tiny $PY pretrain_distill.py --config configs/dmae_tiny_fashion_mnist_quick.yaml --classes $SOURCE --teacher $RUN/mae_teacher/checkpoint.pth $DMAE $EXTRA --output-dir $RUN/dmae_tiny
+stage supervised $PY finetune.py --config configs/supervised_fashion_mnist_quick.yaml --classes $SOURCE $SUP $EXTRA --output-dir $RUN/supervised
 
-# 2. fine-tuning: from scratch (the supervised baseline), from MAE, from D-MAE
-stage ft_scratch $PY finetune.py --config configs/finetune_fashion_mnist_quick.yaml $FT $EXTRA --output-dir $RUN/ft_scratch
-stage ft_mae $PY finetune.py --config configs/finetune_fashion_mnist_quick.yaml --init $RUN/mae_tiny/checkpoint.pth $FT $EXTRA --output-dir $RUN/ft_mae
-stage ft_dmae $PY finetune.py --config configs/finetune_fashion_mnist_quick.yaml --init $RUN/dmae_tiny/checkpoint.pth $FT $EXTRA --output-dir $RUN/ft_dmae
+# 2. is the teacher better than its student? held-out reconstruction loss (same masks) and linear probe
+stage recon_mae_tiny $PY analyze.py reconstruct --ckpt $RUN/mae_tiny/checkpoint.pth --num-images 2000 $EXTRA --output-dir $RUN/recon_mae_tiny
+stage recon_teacher $PY analyze.py reconstruct --ckpt $RUN/mae_teacher/checkpoint.pth --num-images 2000 $EXTRA --output-dir $RUN/recon_teacher
+stage probe_random_src $PROBE_CMD --classes $SOURCE $PROBE $EXTRA --output-dir $RUN/probe_random_src
+stage probe_mae_src $PROBE_CMD --classes $SOURCE --init $RUN/mae_tiny/checkpoint.pth $PROBE $EXTRA --output-dir $RUN/probe_mae_src
+stage probe_teacher_src $PROBE_CMD --classes $SOURCE --model vit_small --init $RUN/mae_teacher/checkpoint.pth $PROBE $EXTRA --output-dir $RUN/probe_teacher_src
+stage probe_dmae_src $PROBE_CMD --classes $SOURCE --init $RUN/dmae_tiny/checkpoint.pth $PROBE $EXTRA --output-dir $RUN/probe_dmae_src
+stage probe_supervised_src $PROBE_CMD --classes $SOURCE --init $RUN/supervised/checkpoint.pth $PROBE $EXTRA --output-dir $RUN/probe_supervised_src
+# claim 2's readouts of frozen features (linear probe, kNN) on the unseen classes
+stage probe_mae_dst $PROBE_CMD --classes $TARGET --init $RUN/mae_tiny/checkpoint.pth $PROBE $EXTRA --output-dir $RUN/probe_mae_dst
+stage probe_supervised_dst $PROBE_CMD --classes $TARGET --init $RUN/supervised/checkpoint.pth $PROBE $EXTRA --output-dir $RUN/probe_supervised_dst
 
-# 3. linear probing (cached features): random init, MAE, D-MAE
-stage probe_random $PY linear_probe.py --config configs/linprobe_fashion_mnist_quick.yaml $LP $EXTRA --output-dir $RUN/probe_random
-stage probe_mae $PY linear_probe.py --config configs/linprobe_fashion_mnist_quick.yaml --init $RUN/mae_tiny/checkpoint.pth $LP $EXTRA --output-dir $RUN/probe_mae
-stage probe_dmae $PY linear_probe.py --config configs/linprobe_fashion_mnist_quick.yaml --init $RUN/dmae_tiny/checkpoint.pth $LP $EXTRA --output-dir $RUN/probe_dmae
-
-# 4. analysis: layer CKA, then attention distance and entropy of each model
-stage cka_mae_vs_scratch $PY analyze.py cka --a $RUN/mae_tiny/checkpoint.pth --b $RUN/ft_scratch/checkpoint.pth --data fashion_mnist $AN $EXTRA --output-dir $RUN/cka_mae_vs_scratch
-stage cka_dmae_vs_teacher $PY analyze.py cka --a $RUN/dmae_tiny/checkpoint.pth --b $RUN/mae_small_teacher/checkpoint.pth --data fashion_mnist $AN $EXTRA --output-dir $RUN/cka_dmae_vs_teacher
-for model in mae_tiny mae_small_teacher dmae_tiny ft_scratch ft_mae ft_dmae; do
-  stage attention_$model $PY analyze.py attention --ckpt $RUN/$model/checkpoint.pth --data fashion_mnist $AN $EXTRA --output-dir $RUN/attention_$model
+# 3. fine-tunes on a few labels, every seed: the SOURCE task (claims 1 and 4), the TARGET task (claim 2)
+for seed in $SEEDS; do
+  stage ft_scratch_s$seed $FINETUNE --classes $SOURCE --layer-decay 1.0 --seed $seed $FT $EXTRA --output-dir $RUN/ft_scratch_s$seed
+  stage ft_mae_s$seed $FINETUNE --classes $SOURCE --init $RUN/mae_tiny/checkpoint.pth --seed $seed $FT $EXTRA --output-dir $RUN/ft_mae_s$seed
+  stage ft_dmae_s$seed $FINETUNE --classes $SOURCE --init $RUN/dmae_tiny/checkpoint.pth --seed $seed $FT $EXTRA --output-dir $RUN/ft_dmae_s$seed
+  stage transfer_mae_s$seed $FINETUNE --classes $TARGET --init $RUN/mae_tiny/checkpoint.pth --seed $seed $FT $EXTRA --output-dir $RUN/transfer_mae_s$seed
+  stage transfer_supervised_s$seed $FINETUNE --classes $TARGET --init $RUN/supervised/checkpoint.pth --seed $seed $FT $EXTRA --output-dir $RUN/transfer_supervised_s$seed
 done
 
-# 5. the report
-$PY analyze.py report $RUN
+# 4. analysis: layer CKA of MAE against the supervised reference (claim 3), attention distance/entropy
+stage cka_mae_vs_supervised $PY analyze.py cka --a $RUN/mae_tiny/checkpoint.pth --b $RUN/supervised/checkpoint.pth $AN $EXTRA --output-dir $RUN/cka_mae_vs_supervised
+for model in mae_tiny dmae_tiny mae_teacher supervised; do
+  stage attention_$model $PY analyze.py attention --ckpt $RUN/$model/checkpoint.pth $AN $EXTRA --output-dir $RUN/attention_$model
+done
+
+# 5. the report: REPORT.md and report.json
+$PY mini_report.py $RUN

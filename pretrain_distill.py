@@ -6,7 +6,9 @@ The paper's method (Wang et al. 2023, "D-MAE"), on top of pretrain_mae.py's `MAE
               keeping the last block's attention logits q.k^T * scale, before the softmax
   3. teacher: a frozen, pre-trained MAE encoder (MAE-Base in the paper) runs without gradients on the
               SAME visible patches of the same images, and gives its own attention logits
-  4. loss:    MAE loss + alpha * MSE(Conv1x1_heads(student logits), teacher logits)
+  4. loss:    MAE loss + alpha * MSE(Conv1x1_heads(student logits), teacher logits); with several
+              distilled layers (and optional hidden states) the per-layer losses add up, as
+              `DistilledMAE` states
 
 Only the student and the adapters train. The checkpoint's `model` is the student MAE's state
 dict (so finetune.py / linear_probe.py read it like any MAE checkpoint); the adapter sits apart under
@@ -50,8 +52,8 @@ def attention_distillation_loss(student_logits, teacher_logits, head_adapter):
 
 
 def hidden_distillation_loss(student_hidden, teacher_hidden, dim_adapter):
-    """The optional hidden-state loss: mean_{b, n, d} (W x_student - x_teacher)^2 over all tokens
-    (cls included), W a Linear(student dim -> teacher dim) without bias; x of shape (B, N, D)."""
+    """The optional hidden-state loss for one layer: mean_{b, n, d} (W x_student - x_teacher)^2 over
+    all tokens (cls included), W a Linear(student dim -> teacher dim) without bias; x (B, N, D)."""
     return F.mse_loss(dim_adapter(student_hidden).float(), teacher_hidden.float())
 
 
@@ -64,13 +66,20 @@ class DistilledMAE(nn.Module):
     attn_pairs:   [(student block, teacher block)] whose pre-softmax attention logits are matched;
     hidden_pairs: [(student layer, teacher layer)] whose hidden states are matched, layer i < depth
                   being blocks[i].norm1's output and layer depth the final norm's output.
+    The loss, as the official code (which sums the per-layer losses, with one weight per kind):
+
+        loss = mae_loss + alpha * sum_{(s, t) in attn_pairs} attention_distillation_loss(s, t)
+                        + alpha_hidden * sum_{(s, t) in hidden_pairs} hidden_distillation_loss(s, t)
+
+    The paper's D-MAE is one attention pair (the last blocks), alpha 1 and no hidden pairs.
     forward(imgs, mask_ratio, noise) returns a dict of scalar losses: `mae_loss`; `attn_loss`, the
-    mean over attn_pairs; `hidden_loss`, the mean over hidden_pairs (only when there are some);
-    `distill_loss` = attn_loss + hidden_loss; and `loss` = mae_loss + alpha * distill_loss.
+    sum over attn_pairs; `hidden_loss`, the sum over hidden_pairs (only when there are some);
+    `distill_loss`, the weighted sum alpha * attn_loss + alpha_hidden * hidden_loss; and `loss`.
     The adapters are 1x1 Conv2d(student heads -> teacher heads) and Linear(student dim -> teacher
     dim), both without bias and with PyTorch's default init; AdamW decays them like any weight."""
 
-    def __init__(self, student: MAE, teacher: VisionTransformer, attn_pairs, hidden_pairs=(), alpha=1.0):
+    def __init__(self, student: MAE, teacher: VisionTransformer, attn_pairs, hidden_pairs=(), alpha=1.0,
+                 alpha_hidden=1.0):
         super().__init__()
         if student.patch_embed.patch_size != teacher.patch_embed.patch_size or \
                 student.patch_embed.grid_size != teacher.patch_embed.grid_size:
@@ -80,7 +89,8 @@ class DistilledMAE(nn.Module):
                 f"of {teacher.patch_embed.patch_size}px) differs from the student's "
                 f"({student.patch_embed.grid_size}x{student.patch_embed.grid_size} of "
                 f"{student.patch_embed.patch_size}px); build the teacher at the student's size")
-        self.student, self.teacher, self.alpha = student, teacher, alpha
+        self.student, self.teacher = student, teacher
+        self.alpha, self.alpha_hidden = alpha, alpha_hidden
         self.teacher.requires_grad_(False)
         self.teacher.eval()
         self.attn_pairs, self.hidden_pairs = list(attn_pairs), list(hidden_pairs)
@@ -113,15 +123,15 @@ class DistilledMAE(nn.Module):
         losses['attn_loss'] = torch.stack([
             attention_distillation_loss(encoded.attn_logits[s], target.attn_logits[t],
                                         self.adapters['attn'][f'{s}_{t}'])
-            for s, t in self.attn_pairs]).mean()
-        losses['distill_loss'] = losses['attn_loss']
+            for s, t in self.attn_pairs]).sum()
+        losses['distill_loss'] = self.alpha * losses['attn_loss']
         if want_hidden:
             losses['hidden_loss'] = torch.stack([
                 hidden_distillation_loss(encoded.layers[s], target.layers[t],
                                          self.adapters['hidden'][f'{s}_{t}'])
-                for s, t in self.hidden_pairs]).mean()
-            losses['distill_loss'] = losses['attn_loss'] + losses['hidden_loss']
-        losses['loss'] = losses['mae_loss'] + self.alpha * losses['distill_loss']
+                for s, t in self.hidden_pairs]).sum()
+            losses['distill_loss'] = losses['distill_loss'] + self.alpha_hidden * losses['hidden_loss']
+        losses['loss'] = losses['mae_loss'] + losses['distill_loss']
         return losses
 
 
@@ -187,7 +197,9 @@ def build_parser():
                                      'MAE-Base 1600 epochs, official file; its decoder is ignored)')
     g.add_argument('--teacher-model', default='vit_base', choices=sorted(MODELS),
                    help='teacher encoder size (paper: vit_base)')
-    g.add_argument('--alpha', type=float, default=1.0, help='weight of the distillation loss (paper: 1.0)')
+    g.add_argument('--alpha', type=float, default=1.0,
+                   help='weight of the attention-distillation loss, summed over --distill-layers (paper: '
+                        '1.0; official: distill_attn_alpha)')
     g.add_argument('--distill-layers', default='-1',
                    help="student blocks whose pre-softmax attention is distilled, comma-separated; each "
                         "'S:T' (teacher block T) or 'S' (teacher block at the same relative depth); "
@@ -195,6 +207,9 @@ def build_parser():
     g.add_argument('--distill-hidden', default='',
                    help="hidden states to distil as well, same syntax; index i < depth is blocks[i].norm1's "
                         "output, depth the final norm's (paper: off)")
+    g.add_argument('--alpha-hidden', type=float, default=1.0,
+                   help='weight of the hidden-state loss, summed over --distill-hidden (official: '
+                        'distill_hidden_alpha, 1.0)')
     return parser
 
 
@@ -250,7 +265,8 @@ def main(argv=None):
     hidden_pairs = layer_pairs(args.distill_hidden, student.depth, teacher.depth, hidden=True)
     if not attn_pairs:
         raise RunError("--distill-layers is empty: D-MAE distils at least one block's attention (paper: -1)")
-    model = DistilledMAE(student, teacher, attn_pairs, hidden_pairs, args.alpha).to(run.device)
+    model = DistilledMAE(student, teacher, attn_pairs, hidden_pairs, args.alpha,
+                         args.alpha_hidden).to(run.device)
 
     # optimizer: student and adapters (the frozen teacher and pos-embeds are left out) ----------------
     optimizer = adamw(weight_decay_groups(model, args.weight_decay), run.lr, (0.9, 0.95), run.device)

@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-from data import (DeviceLoader, build_dataset, build_loader, decode_to_tensor, eval_transform, normalization,
-                  pretrain_transform)
+from data import (Augmentation, DeviceLoader, build_dataset, build_loader, decode_to_tensor,
+                  eval_transform, normalization, per_image_transform)
 from training import (EpochProgress, Run, RunError, add_common_args, adamw, append_log, load_resume_checkpoint,
                       lr_at, no_sync_unless, parse_args, prepare_log, run_main, save_checkpoint,
                       seed_everything, set_lr, weight_decay_groups)
@@ -281,15 +281,16 @@ def train_one_epoch(model, loader, optimizer, epoch, run, args):
 def pretrain_data(args, run):
     """The training loader (MAE's augmentation) and 6 validation images for the reconstruction figure;
     shared with pretrain_distill.py. The labels are never used (--classes only picks the images)."""
+    augmentation = Augmentation(min_scale=args.min_crop_scale)      # crop + flip, nothing else
     stats = normalization(args.data)
     if args.data_on_device:     # small data sets: decoded once, augmented in batches on the device
         images, labels, _ = decode_to_tensor(args.data, args.data_root, True, args.img_size,
                                              subset=args.subset, classes=args.classes, device=run.device)
-        loader = DeviceLoader(images, labels, args.batch_size, train=True, min_scale=args.min_crop_scale,
+        loader = DeviceLoader(images, labels, args.batch_size, train=True, augmentation=augmentation,
                               stats=stats, seed=args.seed, rank=run.rank, world_size=run.world_size)
     else:
         dataset, _ = build_dataset(args.data, args.data_root, train=True,
-                                   transform=pretrain_transform(args.img_size, args.min_crop_scale, stats),
+                                   transform=per_image_transform(augmentation, args.img_size, stats),
                                    synthetic_size=args.img_size, subset=args.subset, classes=args.classes)
         loader = build_loader(dataset, args.batch_size, train=True, num_workers=args.num_workers,
                               device=run.device, seed=args.seed, rank=run.rank, world_size=run.world_size)

@@ -7,8 +7,10 @@ import json
 import math
 
 import numpy as np
+import analyze
 import pytest
 import torch
+import torch.nn.functional as F
 
 from analyze import (attention_distance, attention_entropy, build_encoder, layer_features,
                      main as analyze_main, minibatch_cka, patch_attention)
@@ -111,18 +113,67 @@ def test_entropy_of_uniform_attention_is_log_n():
 
 
 # -- loading ---------------------------------------------------------------------------------------
-def test_the_final_layer_is_the_checkpoints_own_norm(tmp_path):
-    """fc_norm in the checkpoint -> a global-pool model; MAE (norm only) -> a cls model."""
-    mae = mae_tiny(img_size=16, patch_size=4)
+def trained(norm):
+    """A LayerNorm as training leaves it: weight and bias away from the fresh 1 and 0."""
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_()
+    return norm
+
+
+def last_block_tokens(model, imgs):
+    """The last block's output, block by block without any final norm: (B, 1 + N, D)."""
+    x = model.embed(imgs)
+    for block in model.blocks:
+        x, _ = block(x)
+    return x
+
+
+def patch_features(tokens):
+    """(B, 1 + N, D) -> (B, N*D): cls dropped, flattened per image, as CKA reads a layer."""
+    return tokens[:, 1:].flatten(1)
+
+
+@pytest.fixture
+def mae_with_trained_norm(tmp_path):
+    torch.manual_seed(0)
+    mae = mae_tiny(img_size=16, patch_size=4).eval()
+    trained(mae.norm)
     torch.save({'model': mae.state_dict()}, tmp_path / 'mae.pth')
-    finetuned = VisionTransformer(img_size=16, patch_size=4, num_classes=5, global_pool=True)
+    return mae, str(tmp_path / 'mae.pth')
+
+
+@torch.no_grad()
+def test_the_last_layer_of_an_mae_checkpoint_is_a_fresh_layer_norm_of_the_last_blocks_tokens(
+        mae_with_trained_norm):
+    mae, path = mae_with_trained_norm
+    model, _ = build_encoder(path, argparse.Namespace())             # flags only a `random` model reads
+    assert model.patch_embed.img_size == 16                           # native size, from the weights
+    imgs = torch.randn(4, 3, 16, 16)
+    fresh = F.layer_norm(last_block_tokens(mae, imgs), (192,), eps=1e-6)   # weight 1, bias 0
+    torch.testing.assert_close(layer_features(model, imgs)[-1], patch_features(fresh))
+
+
+@torch.no_grad()
+def test_last_layer_norm_reads_the_mae_checkpoints_trained_norm(mae_with_trained_norm):
+    mae, path = mae_with_trained_norm
+    model, _ = build_encoder(path, argparse.Namespace(), last_layer='norm')
+    imgs = torch.randn(4, 3, 16, 16)
+    torch.testing.assert_close(layer_features(model, imgs)[-1],
+                               patch_features(mae.norm(last_block_tokens(mae, imgs))))
+
+
+@pytest.mark.parametrize('last_layer', ['fc_norm', 'norm'])
+@torch.no_grad()
+def test_a_finetuned_checkpoint_with_fc_norm_uses_its_own_fc_norm(tmp_path, last_layer):
+    torch.manual_seed(0)
+    finetuned = VisionTransformer(img_size=16, patch_size=4, num_classes=5, global_pool=True).eval()
+    trained(finetuned.fc_norm)
     torch.save({'model': finetuned.state_dict()}, tmp_path / 'ft.pth')
-    args = argparse.Namespace()                                       # flags only a `random` model reads
-    from_mae, _ = build_encoder(str(tmp_path / 'mae.pth'), args)
-    from_ft, _ = build_encoder(str(tmp_path / 'ft.pth'), args)
-    assert not from_mae.global_pool and from_ft.global_pool
-    assert from_mae.patch_embed.img_size == 16                        # native size, from the weights
-    torch.testing.assert_close(from_mae.norm.weight, mae.norm.weight)
+    model, _ = build_encoder(str(tmp_path / 'ft.pth'), argparse.Namespace(), last_layer=last_layer)
+    imgs = torch.randn(4, 3, 16, 16)
+    torch.testing.assert_close(layer_features(model, imgs)[-1],
+                               patch_features(finetuned.fc_norm(last_block_tokens(finetuned, imgs))))
 
 
 def test_load_mae_reads_a_mae_lite_checkpoint_with_its_decoder(tmp_path):
@@ -165,6 +216,7 @@ def test_cka_command_writes_heatmap_json_and_csv(mae_checkpoint, fashion_folder,
     assert len(table) == 14 and float(table[1][1]) == pytest.approx(rows[0][0], abs=1e-6)
     assert (tmp_path / 'cka.png').stat().st_size > 0
     assert 'diagonal' in out and str(tmp_path / 'cka.png') in out
+    assert "last layer (--last-layer fc_norm) fc_norm on the last block's tokens" in out    # the paper's
 
 
 def test_attention_command_writes_both_plots_and_tables(mae_checkpoint, fashion_root, tmp_path, capsys):
@@ -195,3 +247,18 @@ def test_a_junk_checkpoint_is_a_one_line_error(fashion_folder, tmp_path):
                         '--device', 'cpu', '--output-dir', tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().count('\n') == 0 and 'not a readable PyTorch checkpoint' in result.stderr
+
+
+def test_reconstruct_scores_every_image_on_masks_fixed_by_the_seed(mae_checkpoint, fashion_folder, tmp_path, capsys):
+    run_analyze(capsys, 'reconstruct', '--ckpt', mae_checkpoint, '--data', fashion_folder, '--num-images', 40,
+                '--device', 'cpu', '--output-dir', tmp_path)
+    scored = json.loads((tmp_path / 'reconstruction.json').read_text())
+    assert scored['num_images'] == 40 and scored['mask_ratio'] == 0.75
+    model = analyze.load_mae(str(mae_checkpoint)).eval()
+    images = analyze.val_images(analyze.build_parser().parse_args(
+        ['reconstruct', '--ckpt', str(mae_checkpoint), '--data', str(fashion_folder), '--num-images', '40']), 16)
+    generator = torch.Generator().manual_seed(0)            # --seed 0: the same masks, batch by batch
+    noise = torch.rand(40, model.patch_embed.num_patches, generator=generator)
+    with torch.no_grad():
+        loss, _, _ = model(torch.stack([img for img, _ in images]), 0.75, noise)
+    assert scored['loss'] == pytest.approx(loss.item(), rel=1e-5)

@@ -5,9 +5,14 @@ import pytest
 import torch
 from PIL import Image
 from torchvision import datasets
+from torchvision.transforms import v2
 
 import data
-from data import DataError, build_dataset, eval_transform, finetune_transform, pretrain_transform
+from data import Augmentation, DataError, build_dataset, eval_transform, per_image_transform
+
+PRETRAINING = Augmentation(min_scale=0.2)                              # MAE's crop + flip
+FINETUNING = Augmentation(0.08, rand_aug=(2, 10, 0.5), reprob=0.25)    # MAE's fine-tuning recipe
+PROBING = Augmentation()
 
 
 @pytest.fixture
@@ -23,7 +28,8 @@ def mixed_folder(tmp_path):
     return tmp_path
 
 
-@pytest.mark.parametrize('transform', [pretrain_transform(32), finetune_transform(32), eval_transform(32)])
+@pytest.mark.parametrize('transform', [per_image_transform(PRETRAINING, 32),
+                                       per_image_transform(FINETUNING, 32), eval_transform(32)])
 def test_images_of_any_mode_and_size_become_3_channel_tensors(mixed_folder, transform):
     dataset, num_classes = build_dataset(str(mixed_folder), 'unused', train=True, transform=transform)
     assert num_classes == 2 and len(dataset) == 8
@@ -74,16 +80,6 @@ def test_missing_or_empty_folders_say_what_layout_is_expected(tmp_path):
         build_dataset(str(tmp_path / 'typo'), 'unused', train=True, transform=None)
 
 
-def test_rand_augment_magnitude_is_drawn_around_its_mean():
-    augment = data.RandAugmentWithStd(num_ops=2, magnitude=9, magnitude_std=0.5)
-    img = Image.new('RGB', (32, 32))
-    drawn = set()
-    for _ in range(200):
-        augment(img)
-        drawn.add(augment.magnitude)
-    assert drawn <= {7, 8, 9, 10, 11} and {8, 9, 10} <= drawn
-
-
 def test_a_training_set_smaller_than_one_batch_is_refused():
     dataset = data.SyntheticImages(10)
     with pytest.raises(DataError, match='fewer than one batch'):
@@ -95,14 +91,81 @@ def test_device_loader_draws_rand_augment_and_erasing_per_image(monkeypatch):
     image come out 16 different ways, as from the per-image pipeline (the batched crop is switched off
     here to see them alone)."""
     monkeypatch.setattr(data, 'batched_resized_crop_flip', lambda imgs, size, min_scale: imgs)
+    torch.manual_seed(0)
     image = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8).expand(16, -1, -1, -1)
     labels = torch.zeros(16, dtype=torch.long)
 
     def distinct_images(**augment):
-        imgs, _ = next(iter(data.DeviceLoader(image, labels, 16, train=True, **augment)))
+        loader = data.DeviceLoader(image, labels, 16, train=True, augmentation=Augmentation(**augment))
+        imgs, _ = next(iter(loader))
         assert imgs.shape == (16, 3, 32, 32) and imgs.isfinite().all()
         return len(torch.unique(imgs.flatten(1), dim=0))
 
     assert distinct_images() == 1
-    assert distinct_images(rand_aug=(2, 9, 0.5)) >= 8            # 2 of 14 ops, magnitudes around 9
+    assert distinct_images(rand_aug=(2, 9, 0.5)) >= 8            # up to 2 of 15 ops, magnitudes around 9
     assert distinct_images(reprob=1.0) == 16                      # a random box of noise in each
+
+
+def per_image_ops(transform):
+    """[(op, its parameters)] that a per-image transform applies after the crop and flip, which lead."""
+    names = [type(op).__name__ for op in transform.transforms]
+    assert names[:3] == ['RGB', 'RandomResizedCrop', 'RandomHorizontalFlip'], names
+    ops = [('crop+flip', transform.transforms[1].scale)]
+    for op in transform.transforms[3:]:
+        if isinstance(op, data.RandAugment):
+            ops.append(('RandAugment', vars(op)))
+        elif isinstance(op, v2.RandomErasing):
+            ops.append(('erasing', op.p, op.value))
+    return ops
+
+
+def device_loader_ops(loader, crop_scales):
+    """The same list for a DeviceLoader, whose batched crop was called with `crop_scales`."""
+    ops = [('crop+flip', (scale, 1.0)) for scale in crop_scales]
+    if loader.randaugment:
+        ops.append(('RandAugment', vars(loader.randaugment)))
+    if loader.erasing:
+        ops.append(('erasing', loader.erasing.p, loader.erasing.value))
+    return ops
+
+
+@pytest.mark.parametrize('recipe', [PRETRAINING, FINETUNING, PROBING], ids=['pretrain', 'finetune', 'probe'])
+def test_both_data_paths_apply_the_ops_of_one_recipe(recipe, monkeypatch):
+    """The per-image transform and the in-memory loader make the same ops with the same parameters
+    from one Augmentation, and normalise alike (the grey, flat image is the same after both)."""
+    stats = data.normalization('fashion_mnist')
+    crop_scales = []
+    monkeypatch.setattr(data, 'batched_resized_crop_flip',
+                        lambda imgs, size, min_scale: crop_scales.append(min_scale) or imgs)
+    grey = torch.full((1, 3, 32, 32), 100, dtype=torch.uint8)
+    loader = data.DeviceLoader(grey, torch.zeros(1, dtype=torch.long), 1, train=True, augmentation=recipe,
+                               stats=stats)
+    on_device, _ = next(iter(loader))                                                  # (1, 3, 32, 32)
+    transform = per_image_transform(recipe, 32, stats)
+    per_image = transform(Image.new('RGB', (32, 32), (100, 100, 100)))                  # (3, 32, 32)
+
+    assert per_image_ops(transform) == device_loader_ops(loader, crop_scales)
+    if recipe.rand_aug:       # grey images stay grey: RandAugment fills with the data set's mean grey
+        assert loader.randaugment.fill == (73, 73, 73)
+    assert on_device.shape[1:] == per_image.shape and on_device.dtype == per_image.dtype
+    if not recipe.rand_aug and not recipe.reprob:     # only the crop, which keeps a flat image flat
+        torch.testing.assert_close(on_device[0], per_image)
+
+
+def test_the_training_view_in_memory_refuses_images_that_are_not_square(mixed_folder):
+    """Its crops are drawn from a square per image: from a center square of a wide image they would
+    miss its sides, which the per-image path crops from. The evaluation view is a center crop anyway."""
+    with pytest.raises(DataError, match='6 of 8 training images .* not square .* without --data-on-') as e:
+        data.decode_to_tensor(str(mixed_folder), 'unused', train=True, size=32)
+    assert '\n' not in str(e.value)
+    images, labels, num_classes = data.decode_to_tensor(str(mixed_folder), 'unused', train=True, size=32,
+                                                        crop_pct=0.875)
+    assert images.shape == (8, 3, 32, 32) and num_classes == 2
+
+
+def test_square_images_train_in_memory(tmp_path):
+    for cls in ('a', 'b'):
+        (tmp_path / 'train' / cls).mkdir(parents=True)
+        Image.new('RGB', (40, 40), (10, 200, 30)).save(tmp_path / 'train' / cls / 'square.png')
+    images, labels, _ = data.decode_to_tensor(str(tmp_path), 'unused', train=True, size=32)
+    assert images.shape == (2, 3, 32, 32) and images.dtype == torch.uint8

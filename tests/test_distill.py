@@ -8,7 +8,8 @@ import torch
 import pretrain_distill
 import pretrain_mae
 from conftest import run_script
-from pretrain_distill import DistilledMAE, build_teacher, layer_pairs
+from pretrain_distill import (DistilledMAE, attention_distillation_loss, build_teacher,
+                              hidden_distillation_loss, layer_pairs)
 from pretrain_mae import MAE
 from vit import CheckpointError, VisionTransformer, encoder_state_dict, load_pretrained, vit_tiny
 
@@ -88,6 +89,68 @@ def test_distillation_gradients_reach_the_distilled_blocks_attention_only():
     # the loss is on q.k^T before the softmax: the block's value path and MLP do not enter it
     assert last.attn.proj.weight.grad is None and last.mlp.fc1.weight.grad is None
     assert model.student.decoder_pred.weight.grad is None
+
+
+def per_pair_losses(model, imgs, noise):
+    """Every pair's distillation loss on its own: {'attn': [...], 'hidden': [...]}."""
+    student, teacher = model.student, model.teacher
+    visible_idx, _, _ = student.random_masking(imgs.shape[0], 0.75, noise)
+    ours = student.encode(imgs, visible_idx, attn_layers={s for s, _ in model.attn_pairs},
+                          return_layers=True)
+    theirs = teacher.encode(imgs, visible_idx, attn_layers={t for _, t in model.attn_pairs},
+                            return_layers=True)
+    adapters = model.adapters
+    return {'attn': [attention_distillation_loss(ours.attn_logits[s], theirs.attn_logits[t],
+                                                 adapters['attn'][f'{s}_{t}'])
+                     for s, t in model.attn_pairs],
+            'hidden': [hidden_distillation_loss(ours.layers[s], theirs.layers[t],
+                                                adapters['hidden'][f'{s}_{t}'])
+                       for s, t in model.hidden_pairs]}
+
+
+def test_the_papers_single_layer_loss_is_mae_loss_plus_the_attention_loss():
+    torch.manual_seed(0)
+    model = distilled()
+    imgs, noise = torch.randn(4, 3, 16, 16), torch.rand(4, 16)
+    with torch.no_grad():
+        losses = model(imgs, noise=noise)
+        (by_hand,) = per_pair_losses(model, imgs, noise)['attn']
+    assert 'hidden_loss' not in losses
+    assert torch.equal(losses['attn_loss'], by_hand) and torch.equal(losses['distill_loss'], by_hand)
+    assert torch.equal(losses['loss'], losses['mae_loss'] + by_hand)
+
+
+def test_the_attention_losses_of_several_layers_add_up_under_one_weight():
+    torch.manual_seed(0)
+    student, teacher = tiny_student(), tiny_teacher()
+    model = DistilledMAE(student, teacher, layer_pairs('0,1', 2, 3), alpha=0.5)
+    assert model.attn_pairs == [(0, 1), (1, 2)]
+    imgs, noise = torch.randn(4, 3, 16, 16), torch.rand(4, 16)
+    with torch.no_grad():
+        losses = model(imgs, noise=noise)
+        first, second = per_pair_losses(model, imgs, noise)['attn']
+    torch.testing.assert_close(losses['attn_loss'], first + second)
+    torch.testing.assert_close(losses['distill_loss'], 0.5 * (first + second))
+    torch.testing.assert_close(losses['loss'], losses['mae_loss'] + 0.5 * (first + second))
+
+
+def test_the_hidden_weight_scales_only_the_summed_hidden_losses():
+    torch.manual_seed(0)
+    student, teacher = tiny_student(), tiny_teacher()
+    model = DistilledMAE(student, teacher, layer_pairs('-1', 2, 3), layer_pairs('0,-1', 2, 3, hidden=True),
+                         alpha=0.5, alpha_hidden=1.0)
+    imgs, noise = torch.randn(4, 3, 16, 16), torch.rand(4, 16)
+    with torch.no_grad():
+        once = model(imgs, noise=noise)
+        model.alpha_hidden = 3.0
+        thrice = model(imgs, noise=noise)
+        by_hand = per_pair_losses(model, imgs, noise)
+    hidden = sum(by_hand['hidden'])
+    torch.testing.assert_close(thrice['hidden_loss'], hidden)
+    for name in ('mae_loss', 'attn_loss', 'hidden_loss'):
+        assert torch.equal(once[name], thrice[name])
+    torch.testing.assert_close(thrice['distill_loss'], 0.5 * sum(by_hand['attn']) + 3.0 * hidden)
+    torch.testing.assert_close(thrice['loss'] - once['loss'], 2.0 * hidden)
 
 
 def test_single_indices_map_to_the_same_relative_depth():

@@ -289,3 +289,26 @@ def test_a_junk_init_file_is_one_line_error(fashion_folder, tmp_path):
     result = run_script('finetune.py', '--data', fashion_folder, *TINY, '--init', junk,
                         '--output-dir', tmp_path)
     assert_one_line_error(result, 'not a readable', str(junk))
+
+
+def test_eval_every_and_the_last_epochs_clean_train_top1(fashion_folder, tmp_path):
+    """Evaluation on epochs 2, 4 and the last; the last also scores the training images in the eval
+    view, which --eval-only on a folder whose val split is those very images reproduces."""
+    out = tmp_path / 'run'
+    result = run_script('finetune.py', '--data', fashion_folder, *TINY, '--epochs', '5', '--eval-every', '2',
+                        '--warmup-epochs', '1', '--blr', '4e-3', '--rand-aug', 'none', '--mixup', '0',
+                        '--crop-pct', '1.0', '--output-dir', out)
+    assert result.returncode == 0, result.stderr
+    log = read_log(out)
+    assert [('val_top1' in line, 'train_top1' in line) for line in log] == [
+        (False, False), (True, False), (False, False), (True, False), (True, True)]
+    assert 'train top-1' in result.stdout.splitlines()[-1]
+    same_images = tmp_path / 'train_as_val'
+    same_images.mkdir()
+    for split in ('train', 'val'):
+        (same_images / split).symlink_to(fashion_folder / 'train')
+    result = run_script('finetune.py', '--eval-only', '--data', same_images, *TINY, '--crop-pct', '1.0',
+                        '--init', out / 'checkpoint.pth', '--output-dir', tmp_path / 'eval')
+    assert result.returncode == 0, result.stderr
+    top1 = float(re.search(r'top-1 ([\d.]+)%', result.stdout)[1])
+    assert top1 == pytest.approx(log[-1]['train_top1'], abs=0.01)

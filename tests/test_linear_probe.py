@@ -160,8 +160,8 @@ def test_probing_leaves_the_encoder_unchanged(full_run, mae_checkpoint):
 def test_without_augmentation_the_full_protocol_trains_the_cached_head(fashion_folder, mae_checkpoint,
                                                                        tmp_path, monkeypatch):
     """Same batches in the same order, same head: the cache only skips re-encoding the images."""
-    monkeypatch.setattr(linear_probe, 'finetune_transform',
-                        lambda img_size, rand_aug: data.eval_transform(img_size))
+    monkeypatch.setattr(linear_probe, 'per_image_transform',
+                        lambda augmentation, img_size, stats: data.eval_transform(img_size, stats=stats))
     args = ['--data', fashion_folder, *FULL, '--epochs', '4', '--init', mae_checkpoint]
     full = probe(tmp_path / 'full', *args, '--no-cached-features')
     cached = probe(tmp_path / 'cached', *args, '--cached-features')
@@ -203,3 +203,29 @@ def test_a_checkpoint_of_another_model_size_is_one_line(fashion_folder, mae_chec
 def test_bad_flags_are_reported(fashion_folder, tmp_path, args, error, message):
     with pytest.raises(error, match=message):
         linear_probe.main(['--data', str(fashion_folder), *SMALL, *args, '--output-dir', str(tmp_path)])
+
+
+# -- the kNN readout and the default lr ---------------------------------------------------------------
+def test_knn_votes_with_the_nearest_training_features_by_cosine_similarity():
+    train = torch.tensor([[1.0, 0.0], [2.0, 0.1], [0.0, 1.0], [0.1, 3.0], [-1.0, -1.0]])
+    train_labels = torch.tensor([0, 0, 1, 1, 2])
+    val = torch.tensor([[5.0, 0.2], [0.2, 0.5], [-2.0, -2.1], [1.0, 1.1]])
+    # by cosine similarity: class 0, class 1, class 2, then a near-tie that class 1 wins ([1, 1.1])
+    assert linear_probe.knn_top1(train, train_labels, val, torch.tensor([0, 1, 2, 1]), k=2) == 100.0
+    assert linear_probe.knn_top1(train, train_labels, val, torch.tensor([0, 1, 2, 0]), k=2) == 75.0
+    # the magnitude of a feature does not count, only its direction
+    assert linear_probe.knn_top1(train * 7, train_labels, val * 0.1, torch.tensor([0, 1, 2, 1]), k=1) == 100.0
+
+
+def test_default_flags_learn_on_a_small_folder_where_the_batch_scaled_lr_does_not(fashion_folder, mae_checkpoint,
+                                                                                  tmp_path, capsys):
+    """No --lr, no --blr, the default 90 epochs: LARS at the protocol's lr 6.4 whatever the batch;
+    official MAE's batch-scaled blr 0.1 gives lr 0.025 at a batch of 64, and 180 steps leave the head
+    near where it started. (Cached features: the same optimiser and schedule, in seconds.)"""
+    common = ['--data', fashion_folder, '--init', mae_checkpoint, *SMALL, '--batch-size', '64',
+              '--cached-features']
+    default = probe(tmp_path / 'default', *common)
+    assert 'lr 6.4: the protocol' in capsys.readouterr().out
+    scaled = probe(tmp_path / 'scaled', *common, '--blr', '0.1')
+    assert default[-1]['top1'] >= 55.0, default[-1]                  # chance: 25% (4 classes)
+    assert default[-1]['train_top1'] >= scaled[-1]['train_top1'] + 20, (default[-1], scaled[-1])
