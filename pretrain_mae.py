@@ -230,6 +230,7 @@ def save_reconstruction_figure(model, imgs, path, title, stats, mask_ratio=0.75,
         axes[0, col].set_title(name, fontsize=9)
     note = ("prediction is in normalised-patch units (norm_pix_loss), shown de-normalised with each "
             "patch's own mean and std" if model.norm_pix_loss else "raw pixel prediction")
+    note += "; the loss ignores the visible patches, so their prediction is noise"
     fig.suptitle(f"{title}\n{note}", fontsize=8)
     fig.tight_layout()
     tmp = f"{path}.tmp"

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -28,8 +29,19 @@ class RunError(Exception):
 USER_ERRORS = (RunError, DataError, CheckpointError)
 
 
+class Terminated(Exception):
+    """SIGTERM: what a scheduler or torchrun sends before it stops a job."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def run_main(main):
-    """Call main(); a user-facing error becomes one line on stderr and exit code 2, no traceback."""
+    """Call main(); a user-facing error becomes one line on stderr and exit code 2, no traceback.
+    SIGTERM stops the run at once with one line and exit code 143 (128 + 15); checkpoints are written
+    to a temporary file and renamed, so the last one is intact."""
+    signal.signal(signal.SIGTERM, raise_terminated)
     try:
         main()
     except USER_ERRORS as e:
@@ -42,6 +54,10 @@ def run_main(main):
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint is intact", file=sys.stderr)
         sys.exit(130)
+    except Terminated:
+        print("stopped by SIGTERM; the last checkpoint is intact: the same command with --resume auto "
+              "continues from it", file=sys.stderr)
+        sys.exit(143)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -57,8 +73,9 @@ def add_common_args(parser, *, epochs, warmup_epochs, batch_size, blr, weight_de
     g = parser.add_argument_group('run')
     g.add_argument('--config', help='YAML file of defaults (keys are flag names); flags override it')
     g.add_argument('--output-dir', default='output', help='checkpoint, log.jsonl, config, figures')
-    g.add_argument('--resume', help='checkpoint of this stage to continue exactly (its flags are the '
-                                    'defaults; flags given now override, e.g. --epochs)')
+    g.add_argument('--resume', help="checkpoint of this stage to continue exactly (its flags are the "
+                                    "defaults; flags given now override, e.g. --epochs); 'auto': "
+                                    "OUTPUT_DIR/checkpoint.pth if it exists, else start fresh (for restarts)")
     g.add_argument('--init', help='weights to start from: ours, official MAE, MAE-Lite, timm/DeiT')
     g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     on_off('amp', 'bf16 autocast')
@@ -118,23 +135,40 @@ def class_list(text):
 
 
 def parse_args(parser, argv=None):
-    """Flags > --config YAML > the --resume checkpoint's flags > the parser's (paper) defaults."""
+    """Flags > --config YAML > the --resume checkpoint's flags > the parser's (paper) defaults.
+    `--resume auto` resumes from OUTPUT_DIR/checkpoint.pth when there is one, else starts fresh."""
     known, _ = parser.parse_known_args(argv)
-    if known.resume:
-        saved = read_checkpoint(known.resume)
+    config = read_config(parser, known.config) if known.config else {}
+    parser.set_defaults(**config)
+    known, _ = parser.parse_known_args(argv)                  # its --output-dir may come from the config
+    resume = resume_path(known.resume, known.output_dir)
+    if resume:
+        saved = read_checkpoint(resume)
         if not isinstance(saved, dict) or not isinstance(saved.get('args'), dict):
-            raise RunError(f"--resume {known.resume} is not a checkpoint written by these scripts; "
+            raise RunError(f"--resume {resume} is not a checkpoint written by these scripts; "
                            f"use --init to start from other weights")
         saved_args = {k: v for k, v in saved['args'].items() if k not in ('resume', 'config')}
-        parser.set_defaults(**saved_args)
-    if known.config:
-        parser.set_defaults(**read_config(parser, known.config))
+        parser.set_defaults(**{**saved_args, **config})
     args = parser.parse_args(argv)
+    args.resume = resume
     if args.img_size % args.patch_size:
         raise RunError(f"--img-size {args.img_size} is not divisible by --patch-size "
                        f"{args.patch_size}: pick a multiple, e.g. --img-size "
                        f"{round(args.img_size / args.patch_size) * args.patch_size}")
     return args
+
+
+def resume_path(resume, output_dir):
+    """The checkpoint to resume from: --resume PATH as given; with 'auto', OUTPUT_DIR/checkpoint.pth
+    when it exists, else None (a fresh start), said in one line. One command then serves the first
+    start and every restart (torchrun --max-restarts, a scheduler, a crash)."""
+    if resume != 'auto':
+        return resume
+    path = Path(output_dir) / 'checkpoint.pth'
+    if int(os.environ.get('RANK', 0)) == 0:
+        print(f"--resume auto: {f'continuing from {path}' if path.exists() else f'no {path} yet, starting fresh'}",
+              flush=True)
+    return str(path) if path.exists() else None
 
 
 def read_config(parser, path):

@@ -12,6 +12,7 @@ import torch
 import finetune
 from conftest import ROOT, assert_one_line_error, read_log, run_script
 from finetune import build_batch_mixing, build_parser, layer_decay_groups, parse_rand_aug
+import pretrain_mae
 from pretrain_mae import mae_tiny
 from training import RunError, parse_args, set_lr
 from vit import load_pretrained, vit_tiny
@@ -147,8 +148,10 @@ def test_transfer_and_quick_recipes_parse():
     assert (transfer.optimizer, transfer.lr, transfer.clip_grad, transfer.layer_decay,
             transfer.weight_decay, transfer.rand_aug) == ('sgd', 0.1, 1.0, 0.75, 0.0, 'none')
     quick = recipe('finetune_fashion_mnist_quick.yaml')
-    assert quick.data == 'fashion_mnist' and quick.subset > 0 and quick.val_subset > 0
-    assert (quick.img_size, quick.patch_size) == (32, 4)            # the quick MAE's shape
+    assert quick.data == 'fashion_mnist' and quick.subset == 100 and quick.eval_every >= quick.epochs
+    mae = parse_args(pretrain_mae.build_parser(),
+                     ['--config', str(ROOT / 'configs' / 'mae_tiny_fashion_mnist_quick.yaml')])
+    assert (quick.img_size, quick.patch_size) == (mae.img_size, mae.patch_size) == (28, 7)
 
 
 # -- the script ----------------------------------------------------------------------------------

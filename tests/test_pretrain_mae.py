@@ -121,25 +121,45 @@ def test_a_short_real_run_lowers_the_loss_and_writes_its_outputs(fashion_root, t
     small_mae().load_state_dict(ckpt['model'], strict=True)
 
 
+def start_and_stop_in_epoch_1(args, out, sig):
+    """Start pretrain_mae.py, send `sig` somewhere inside its epoch 1; -> the finished process."""
+    process = subprocess.Popen([sys.executable, str(ROOT / 'pretrain_mae.py'), *map(str, args),
+                                '--output-dir', str(out)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / 'checkpoint.pth').exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)                                                 # somewhere inside epoch 1
+    process.send_signal(sig)
+    process.stdout_text, process.stderr_text = process.communicate()
+    return process
+
+
 def test_a_run_killed_at_any_moment_resumes_to_the_same_losses(fashion_root, tmp_path):
+    """One command, `--resume auto`, for the first start and the restart (as torchrun
+    --max-restarts or a scheduler repeats it): fresh in an empty folder, then exactly where it was."""
     args = [*QUICK, '--data-root', fashion_root, '--epochs', '3', '--subset', '512']
     whole, broken = tmp_path / 'whole', tmp_path / 'broken'
     assert run_script('pretrain_mae.py', *args, '--output-dir', whole).returncode == 0
 
-    process = subprocess.Popen([sys.executable, str(ROOT / 'pretrain_mae.py'), *map(str, args),
-                                '--output-dir', str(broken)], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (broken / 'checkpoint.pth').exists() and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.5)                                                 # somewhere inside epoch 1
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    resumed = run_script('pretrain_mae.py', '--resume', broken / 'checkpoint.pth')
+    first = start_and_stop_in_epoch_1([*args, '--resume', 'auto'], broken, signal.SIGKILL)
+    assert f"--resume auto: no {broken / 'checkpoint.pth'} yet, starting fresh" in first.stdout_text
+    resumed = run_script('pretrain_mae.py', *args, '--resume', 'auto', '--output-dir', broken)
     assert resumed.returncode == 0, resumed.stderr
+    assert f"--resume auto: continuing from {broken / 'checkpoint.pth'}" in resumed.stdout
     assert read_log(broken) == [{**line, 'img_per_s': b['img_per_s'], 'epoch_time_s': b['epoch_time_s']}
                                 for line, b in zip(read_log(whole), read_log(broken))]
     assert [line['loss'] for line in read_log(broken)] == [line['loss'] for line in read_log(whole)]
+
+
+def test_sigterm_stops_at_once_with_one_line_and_an_intact_checkpoint(fashion_root, tmp_path):
+    out = tmp_path / 'run'
+    stopped = start_and_stop_in_epoch_1([*QUICK, '--data-root', fashion_root, '--epochs', '3'], out, signal.SIGTERM)
+    assert stopped.returncode == 143
+    assert stopped.stderr_text.strip().splitlines()[-1].startswith('stopped by SIGTERM; the last checkpoint is intact')
+    assert 'Traceback' not in stopped.stderr_text
+    assert torch.load(out / 'checkpoint.pth', weights_only=True)['epoch'] == 0
+    assert [line['epoch'] for line in read_log(out)] == [0]
 
 
 def test_ddp_with_two_cpu_processes(fashion_root, tmp_path):
