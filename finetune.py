@@ -296,7 +296,7 @@ def main(argv=None):
     train_model = run.wrap(model, args.compile, args.compile_mode)
     run.announce(model, f" | {num_train} train / {num_val} val images, "
                         f"{num_classes} classes, {len(loader)} steps/epoch")
-    log = prepare_log(run.output_dir, start_epoch)
+    log = prepare_log(run.output_dir, start_epoch) if run.is_main else None   # one process writes it
 
     # the loop --------------------------------------------------------------------------------------
     for epoch in range(start_epoch, args.epochs):

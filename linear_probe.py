@@ -332,7 +332,7 @@ def main(argv=None):
     run.announce(model, f" | frozen encoder {frozen / 1e6:.2f}M params, feature {args.feature}, "
                         f"{'cached features' if args.cached_features else 'full protocol'} | "
                         f"{len(train_set)} images, {len(loader)} steps/epoch")
-    log = prepare_log(run.output_dir, start_epoch)
+    log = prepare_log(run.output_dir, start_epoch) if run.is_main else None   # one process writes it
 
     # the loop --------------------------------------------------------------------------------------
     # cached epochs take less time than writing the encoder to disk: save ten times a run

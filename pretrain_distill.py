@@ -288,7 +288,7 @@ def main(argv=None):
                         f"{args.teacher} | attention pairs (student, teacher) {attn_pairs}"
                         f"{f' | hidden pairs {hidden_pairs}' if hidden_pairs else ''}"
                         f" | {len(loader.sampler) * run.world_size} images, {len(loader)} steps/epoch")
-    log = prepare_log(run.output_dir, start_epoch)
+    log = prepare_log(run.output_dir, start_epoch) if run.is_main else None   # one process writes it
 
     # the loop --------------------------------------------------------------------------------------
     for epoch in range(start_epoch, args.epochs):

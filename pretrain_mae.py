@@ -327,7 +327,7 @@ def main(argv=None):
         start_epoch = ckpt['epoch'] + 1
     train_model = run.wrap(model, args.compile, args.compile_mode)
     run.announce(model, f" | {len(loader.sampler) * run.world_size} images, {len(loader)} steps/epoch")
-    log = prepare_log(run.output_dir, start_epoch)
+    log = prepare_log(run.output_dir, start_epoch) if run.is_main else None   # one process writes it
 
     # the loop --------------------------------------------------------------------------------------
     for epoch in range(start_epoch, args.epochs):

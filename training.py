@@ -31,9 +31,11 @@ USER_ERRORS = (RunError, DataError, CheckpointError)
 
 class Terminated(Exception):
     """SIGTERM: what a scheduler or torchrun sends before it stops a job."""
+    received = False
 
 
 def raise_terminated(signum, frame):
+    Terminated.received = True
     raise Terminated()
 
 
@@ -54,7 +56,11 @@ def run_main(main):
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint is intact", file=sys.stderr)
         sys.exit(130)
-    except Terminated:
+    except Exception:
+        if not Terminated.received:
+            raise
+        # what SIGTERM interrupted (a collective whose peer is gone, DataLoader workers stopped by
+        # the same signal) may fail with its own error after ours: the cause is still the SIGTERM
         print("stopped by SIGTERM; the last checkpoint is intact: the same command with --resume auto "
               "continues from it", file=sys.stderr)
         sys.exit(143)

@@ -167,7 +167,7 @@ def test_ddp_with_two_cpu_processes(fashion_root, tmp_path):
     result = subprocess.run(
         [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
          str(ROOT / 'pretrain_mae.py'), *map(str, QUICK), '--data-root', str(fashion_root),
-         '--epochs', '2', '--batch-size', '32', '--output-dir', str(out)],
+         '--epochs', '2', '--batch-size', '32', '--num-workers', '2', '--output-dir', str(out)],
         capture_output=True, text=True, timeout=600, env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert result.returncode == 0, result.stderr[-2000:]
     assert 'x 2' in result.stdout and 'effective batch 64' in result.stdout
