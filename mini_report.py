@@ -64,7 +64,7 @@ def describe(values, digits=1):
     return f"{mean:.{digits}f}{spread} (n={len(values)})"
 
 
-def claim(number, statement, higher_name, higher, lower_name, lower, unit, untested_because=None, digits=1):
+def claim(statement, higher_name, higher, lower_name, lower, unit, untested_because=None, digits=1):
     """One claim: its verdict and the sentence that says it with its numbers."""
     result, difference, se = verdict(higher, lower, untested_because)
     numbers = f"{higher_name} {describe(higher, digits)} vs {lower_name} {describe(lower, digits)} {unit}"
@@ -165,19 +165,19 @@ def the_claims(run, finetunes):
     third = max(1, len(diagonal) // 3)
     teacher_ok, teacher_sentence = teacher_check(run)
     return {
-        '1': claim(1, "MAE pre-training, then fine-tuning, beats supervised training from scratch",
+        '1': claim("MAE pre-training, then fine-tuning, beats supervised training from scratch",
                    'from MAE', top1s(finetunes, 'source', 'mae'),
                    'from scratch', top1s(finetunes, 'source', 'scratch'), source,
                    unconverged(finetunes, 'source', ('mae', 'scratch'))),
-        '2': claim(2, "MAE transfers worse than supervised pre-training to a data-insufficient task it never saw",
+        '2': claim("MAE transfers worse than supervised pre-training to a data-insufficient task it never saw",
                    'from supervised pre-training', top1s(finetunes, 'downstream', 'supervised'),
                    'from MAE', top1s(finetunes, 'downstream', 'mae'), downstream,
                    unconverged(finetunes, 'downstream', ('mae', 'supervised'))),
-        '3': claim(3, "MAE's lower layers resemble a supervised model's more than its higher layers do",
+        '3': claim("MAE's lower layers resemble a supervised model's more than its higher layers do",
                    f"CKA of the lowest {third} layers", diagonal[:third],
                    f"CKA of the highest {third} layers", diagonal[-third:] if diagonal else [],
                    '(layer i of MAE vs layer i of the supervised reference)', digits=2),
-        '4': claim(4, "D-MAE (distilling a bigger MAE's attention during pre-training) beats plain MAE after fine-tuning",
+        '4': claim("D-MAE (distilling a bigger MAE's attention during pre-training) beats plain MAE after fine-tuning",
                    'from D-MAE', top1s(finetunes, 'source', 'dmae'),
                    'from MAE', top1s(finetunes, 'source', 'mae'), source,
                    unconverged(finetunes, 'source', ('dmae', 'mae'))
@@ -193,7 +193,7 @@ ROWS = [   # (label of the row, init name of its fine-tunes, its probe runs' mod
     ('MAE ViT-Tiny (no labels)', 'mae', 'mae'),
     ('D-MAE ViT-Tiny from the teacher (no labels)', 'dmae', 'dmae'),
     ('MAE ViT-Small, the teacher (no labels)', None, 'teacher'),
-    ('supervised ViT-Tiny (all labels of the pre-training classes)', 'supervised', 'supervised'),
+    ('supervised ViT-Tiny (labels of the pre-training classes)', 'supervised', 'supervised'),
 ]
 
 

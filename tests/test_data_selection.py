@@ -1,10 +1,14 @@
-"""data.py: choosing images (--classes, the stratified --subset) and grayscale normalisation."""
+"""data.py: choosing images (--classes, the stratified --subset), grayscale normalisation, and the
+loader's default number of worker processes."""
+import os
+
 import pytest
 import torch
 from PIL import Image
 from torchvision.transforms import v2
 
 import data
+import finetune
 from data import DataError, build_dataset, decode_to_tensor, eval_transform, normalization, stratified_sample
 
 
@@ -57,3 +61,8 @@ def test_a_grey_image_stays_grey_with_the_data_sets_own_statistics():
     tensor = eval_transform(28, 1.0, normalization('fashion_mnist'))(grey)      # (3, 28, 28)
     assert torch.allclose(tensor[0], tensor[1]) and torch.allclose(tensor[1], tensor[2])
     assert tensor[0, 0, 0].item() == pytest.approx((90 / 255 - mean[0]) / std[0], abs=1e-5)
+
+
+def test_num_workers_defaults_to_at_most_the_cpu_count():
+    args = finetune.build_parser().parse_args([])
+    assert args.num_workers == min(4, os.cpu_count())
