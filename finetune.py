@@ -303,9 +303,10 @@ def main(argv=None):
         seed_everything(args.seed, epoch, run.rank)
         loader.sampler.set_epoch(epoch)
         record = {'epoch': epoch, **train_one_epoch(train_model, loader, optimizer, batch_mixing, epoch, run, args)}
-        last = epoch + 1 == args.epochs
+        last, is_best = epoch + 1 == args.epochs, False
         if last or (epoch + 1) % args.eval_every == 0:
             val = evaluate(train_model, val_loader, run, args.amp)
+            is_best = val['top1'] > best_top1
             best_top1 = max(best_top1, val['top1'])
             record.update(val_top1=val['top1'], val_top5=val['top5'], val_loss=val['loss'], best_top1=best_top1)
         if last:   # did the fine-tune fit its own training images? (clean: the eval view, no mixing)
@@ -317,8 +318,8 @@ def main(argv=None):
             append_log(log, record)
             state = dict(stage=STAGE, epoch=epoch, args=vars(args), model=model.state_dict(),
                          optimizer=optimizer.state_dict(), top1=record.get('val_top1'), best_top1=best_top1)
-            if record.get('val_top1') == best_top1:   # before the last checkpoint: a crash in between
-                save_checkpoint(run.output_dir / 'best.pth', **state)   # only repeats this epoch
+            if is_best:   # before the last checkpoint: a crash in between only repeats this epoch
+                save_checkpoint(run.output_dir / 'best.pth', **state)
             save_checkpoint(run.output_dir / 'checkpoint.pth', **state)
             line = f"epoch {epoch}: loss {record['loss']:.4f}, {record['img_per_s']:.0f} img/s"
             if 'val_top1' in record:
