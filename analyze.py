@@ -20,7 +20,6 @@ Examples:
 import argparse
 import csv
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -29,11 +28,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data import build_dataset, eval_transform, normalization
-from pretrain_mae import load_mae, save_reconstruction_figure
+from pretrain_mae import save_reconstruction_figure
 from training import RunError, run_main
-from vit import MODELS, CheckpointError, encoder_state_dict, load_pretrained, read_checkpoint
+from vit import SIZES, encoder_geometry, encoder_state_dict, load_mae, load_pretrained, read_checkpoint, vit
 
-WIDTHS = {192: 'vit_tiny', 384: 'vit_small', 768: 'vit_base'}    # encoder width -> model name
 # CKA's last layer (--last-layer): what each choice reads, as the figure and the printout say it
 LAST_LAYERS = {'fc_norm': "fc_norm on the last block's tokens (a fresh LayerNorm where a model has none)",
                'norm': "each model's own final norm (its fc_norm, else its trained norm)"}
@@ -117,24 +115,19 @@ def build_encoder(spec, args, img_size=None, seed_offset=0, last_layer='fc_norm'
         torch.manual_seed(args.seed + seed_offset)
         img_size = img_size or 224
         check_divisible(img_size, args.patch_size, spec)
-        model = MODELS[args.model](img_size=img_size, patch_size=args.patch_size, num_classes=0,
-                                   global_pool=last_layer == 'fc_norm')
+        model = vit(args.model, img_size=img_size, patch_size=args.patch_size, num_classes=0,
+                    global_pool=last_layer == 'fc_norm')
         return model.eval(), f"random-init {args.model}"
     state = encoder_state_dict(read_checkpoint(spec))
-    if 'cls_token' not in state or 'patch_embed.proj.weight' not in state or 'pos_embed' not in state:
-        raise CheckpointError(f"{spec} holds no ViT encoder (no cls_token / patch_embed / pos_embed)")
-    width = state['cls_token'].shape[-1]
-    if width not in WIDTHS:
-        raise CheckpointError(f"{spec}: encoder width {width} is none of {sorted(WIDTHS)} (tiny/small/base)")
-    patch_size = state['patch_embed.proj.weight'].shape[-1]
-    img_size = img_size or math.isqrt(state['pos_embed'].shape[1] - 1) * patch_size
+    size, patch_size, native_img_size = encoder_geometry(state, spec)
+    img_size = img_size or native_img_size
     check_divisible(img_size, patch_size, spec)
     fresh_fc_norm = last_layer == 'fc_norm'
-    model = MODELS[WIDTHS[width]](img_size=img_size, patch_size=patch_size, num_classes=0,
-                                  global_pool=fresh_fc_norm or 'fc_norm.weight' in state)
+    model = vit(size, img_size=img_size, patch_size=patch_size, num_classes=0,
+                global_pool=fresh_fc_norm or 'fc_norm.weight' in state)
     # a fresh nn.LayerNorm is weight 1, bias 0: it stays so unless the checkpoint brings its fc_norm
     load_pretrained(model, spec, allow_new=('fc_norm.',) if fresh_fc_norm else ())
-    return model.eval(), f"{spec} ({WIDTHS[width]}, patch {patch_size})"
+    return model.eval(), f"{spec} ({size}, patch {patch_size})"
 
 
 def check_divisible(img_size, patch_size, spec):
@@ -268,7 +261,8 @@ def reconstruct_command(args):
     out.mkdir(parents=True, exist_ok=True)
     path = out / 'reconstruction.png'
     patch_embed = model.patch_embed
-    size = f"MAE {WIDTHS[model.embed_dim]}, patch {patch_embed.patch_size}, {patch_embed.img_size} px"
+    size_name = encoder_geometry(model.state_dict(), args.ckpt)[0]
+    size = f"MAE {size_name}, patch {patch_embed.patch_size}, {patch_embed.img_size} px"
     shown = torch.stack([images[i][0] for i in range(min(6, len(images)))])          # (6, 3, H, W)
     save_reconstruction_figure(model, shown, path, f"{args.ckpt} ({size})", normalization(args.data),
                                args.mask_ratio, args.seed)
@@ -369,7 +363,7 @@ def add_shared_args(parser, num_images, batch_size=None, random_model=True):
                    help='the masking shown' if not random_model else 'weights of a `random` encoder')
     if random_model:
         g = parser.add_argument_group('a `random` encoder (a checkpoint brings its own)')
-        g.add_argument('--model', default='vit_tiny', choices=list(MODELS))
+        g.add_argument('--model', default='vit_tiny', choices=list(SIZES))
         g.add_argument('--patch-size', type=int, default=16, help='paper: 16')
 
 

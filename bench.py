@@ -8,17 +8,17 @@ Then the data path alone (the per-image DataLoader and the in-memory --data-on-d
 MAE step fed by the in-memory loader vs by one pre-made batch. The `timm_ref` row is the yardstick:
 the same MAE with every transformer block replaced by timm's `Block` (needs `pip install timm`; not a
 dependency of the project). Each row runs in a fresh process, so peak memory and compile caches do
-not leak between rows; `--rounds N` measures every row N times, round-robin, and keeps the median.
-`--one-process` instead builds every model row in this one process and times them in alternating
-chunks, so that the machine's drift hits all rows alike (no peak memory then). Prints one markdown
-table and its command.
+not leak between rows; `--rounds N` measures every row N times, round-robin, so that the machine's
+slow drift hits every row alike, and keeps the median round. A step's loss is the stage's own
+(`mae_losses`, `dmae_losses`, `classification_losses`, `probe_losses`). Prints one markdown table and
+its command.
 
     python bench.py                                    # every stage: MAE-Tiny at 224 px, batch 32
     python bench.py --stages timm_ref mae --precisions fp32 --rounds 5    # the eager vs compile question
-    python bench.py --stages timm_ref mae --precisions fp32 --one-process  # the same, in one process
     python bench.py --img-size 32 --patch-size 4 --batch-size 128 --stages mae data   # quick recipe
 """
 import argparse
+import functools
 import json
 import resource
 import subprocess
@@ -27,13 +27,14 @@ import time
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from vit import SIZES
 
 # dense bf16 tensor-core peaks from the datasheets, TFLOP/s; matched against the device name
 CUDA_BF16_PEAK_TFLOPS = {'H100': 989, 'A100': 312, 'L40S': 362, 'L4': 121, 'A10': 125,
                          'RTX 4090': 165, 'RTX 3090': 71, 'V100': 125, 'T4': 65}
 STAGES = ('timm_ref', 'mae', 'dmae', 'finetune', 'probe', 'data')
-CHUNKS = 5      # timed chunks per row (per round with --one-process); the median chunk counts
+CHUNKS = 5      # timed chunks per row; the median chunk counts
 
 
 # --------------------------------------------------------------------------------------------------
@@ -61,38 +62,38 @@ def with_timm_blocks(mae):
 
 def build_step(stage, args, device):
     """-> step(imgs, labels), the trainable module, a batch (imgs, labels)."""
-    from finetune import layer_decay_groups
-    from linear_probe import LARS, probe_head
-    from pretrain_distill import DistilledMAE
-    from pretrain_mae import MAES
+    from finetune import classification_losses, layer_decay_groups
+    from linear_probe import LARS, probe_head, probe_losses
+    from pretrain_distill import DistilledMAE, dmae_losses
+    from pretrain_mae import build_mae, mae_losses
     from training import adamw, weight_decay_groups
-    from vit import MODELS
+    from vit import vit
 
     size = dict(img_size=args.img_size, patch_size=args.patch_size)
     imgs = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     labels = torch.randint(0, 1000, (args.batch_size,), device=device)
     if stage in ('mae', 'timm_ref'):
-        model = MAES[args.model](**size)
+        model = build_mae(args.model, **size)
         model = (with_timm_blocks(model) if stage == 'timm_ref' else model).to(device)
         optimizer = adamw(weight_decay_groups(model, 0.05), 1e-4, (0.9, 0.95), device)
-        loss_of = lambda m, x, y: m(x)[0]
+        loss_of = functools.partial(mae_losses, mask_ratio=0.75)
     elif stage == 'dmae':
-        student = MAES[args.model](**size)
-        teacher = MODELS[args.teacher_model](num_classes=0, **size)
+        student = build_mae(args.model, **size)
+        teacher = vit(args.teacher_model, num_classes=0, **size)
         model = DistilledMAE(student, teacher, attn_pairs=[(student.depth - 1, teacher.depth - 1)]).to(device)
         optimizer = adamw(weight_decay_groups(model, 0.05), 1e-4, (0.9, 0.95), device)
-        loss_of = lambda m, x, y: m(x)['loss']
+        loss_of = functools.partial(dmae_losses, mask_ratio=0.75)
     elif stage == 'finetune':
-        model = MODELS[args.model](num_classes=1000, global_pool=True, **size).to(device)
+        model = vit(args.model, num_classes=1000, global_pool=True, **size).to(device)
         optimizer = adamw(layer_decay_groups(model, 0.05, 0.85), 1e-4, (0.9, 0.999), device)
-        loss_of = lambda m, x, y: F.cross_entropy(m(x), y)
+        loss_of = functools.partial(classification_losses, batch_mixing=None, smoothing=0.0)
     elif stage == 'probe':
-        model = MODELS[args.model](num_classes=1000, **size).to(device)
+        model = vit(args.model, num_classes=1000, **size).to(device)
         model.head = probe_head(model.embed_dim, 1000).to(device)
         model.requires_grad_(False).eval()
         model.head.requires_grad_(True).train()
         optimizer = LARS(model.head.parameters(), lr=0.1)
-        loss_of = lambda m, x, y: F.cross_entropy(m(x), y)
+        loss_of = probe_losses
     else:
         raise ValueError(stage)
     return model, optimizer, loss_of, (imgs, labels)
@@ -101,7 +102,7 @@ def build_step(stage, args, device):
 def make_step(model, optimizer, loss_of, amp, device):
     def step(imgs, labels):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = loss_of(model, imgs, labels)
+            loss = loss_of(model, imgs, labels, 0.0)['loss']
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -168,43 +169,16 @@ def peak_memory_mb(device):
 
 
 # --------------------------------------------------------------------------------------------------
-# Measuring: one row in its own process, or every model row in one (--one-process)
+# Measuring: one row in its own process
 # --------------------------------------------------------------------------------------------------
-def prepare_stage(stage, compile, amp, args, device):
-    """-> (one training step on the fixed batch, as a call without arguments, warmed up (and
-    compiled); its FLOPs)."""
+def measure_stage(stage, compile, amp, args, device):
+    """img/s and GFLOP/s of one training step on the fixed batch, warmed up (and compiled) first."""
     model, optimizer, loss_of, batch = build_step(stage, args, device)
     flops = count_flops(make_step(model, optimizer, loss_of, False, device), batch)
     step = make_step(torch.compile(model) if compile else model, optimizer, loss_of, amp, device)
-    for _ in range(args.warmup + 3 * compile):
-        step(*batch)
-    return lambda: step(*batch), flops
-
-
-def stage_result(seconds, flops, args):
+    seconds = seconds_per_call(lambda: step(*batch), args.iters, args.warmup + 3 * compile, device)
     return {'img_per_s': args.batch_size / seconds, 'gflop_per_s': flops / seconds / 1e9,
             'gflop_per_img': flops / args.batch_size / 1e9}
-
-
-def measure_stage(stage, compile, amp, args, device):
-    step, flops = prepare_stage(stage, compile, amp, args, device)
-    seconds = seconds_per_call(step, args.iters, 0, device)
-    return stage_result(seconds, flops, args)
-
-
-def measure_in_one_process(rows, args, device):
-    """{row: result} for model rows all built in this process and timed in alternating chunks (each
-    round one chunk of every row; CHUNKS x --rounds rounds; the median chunk counts), so that the
-    machine's slow drift hits every row alike."""
-    steps = {}
-    for row in rows:
-        stage, compile, amp = row.split(':')
-        steps[row] = prepare_stage(stage, compile == 'compile', amp == 'bf16', args, device)
-    times = {row: [] for row in rows}
-    for _ in range(CHUNKS * args.rounds):
-        for row, (step, _) in steps.items():
-            times[row].append(time_chunk(step, max(1, args.iters // CHUNKS), device))
-    return {row: stage_result(median(times[row]), steps[row][1], args) for row in rows}
 
 
 def measure_data(kind, args, device):
@@ -266,8 +240,9 @@ def rows_for(args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--model', default='vit_tiny', choices=['vit_tiny', 'vit_small', 'vit_base'])
-    parser.add_argument('--teacher-model', default='vit_base', help='D-MAE teacher (paper: vit_base)')
+    parser.add_argument('--model', default='vit_tiny', choices=list(SIZES))
+    parser.add_argument('--teacher-model', default='vit_base', choices=list(SIZES),
+                        help='D-MAE teacher (paper: vit_base)')
     parser.add_argument('--img-size', type=int, default=224)
     parser.add_argument('--patch-size', type=int, default=16)
     parser.add_argument('--batch-size', type=int, default=32)
@@ -282,11 +257,7 @@ def main():
     parser.add_argument('--warmup', type=int, default=3, help='untimed steps first (+3 when compiled)')
     parser.add_argument('--rounds', type=int, default=1,
                         help='measure every row this many times, round-robin, and show the median round '
-                             '(to compare rows on a machine whose speed drifts); with --one-process, time '
-                             '5 x this many alternating chunks')
-    parser.add_argument('--one-process', action='store_true',
-                        help='build every model row in this process and time them in alternating chunks '
-                             '(drift hits all rows alike; no peak memory; not for the data rows)')
+                             '(to compare rows on a machine whose speed drifts)')
     parser.add_argument('--data', default='fashion_mnist', help='data set of the data-path rows')
     parser.add_argument('--data-root', default='data')
     parser.add_argument('--num-workers', type=int, default=2)
@@ -295,8 +266,6 @@ def main():
     args.amp_default = args.device.startswith('cuda')        # as the training scripts
     if args.row:
         return run_row(args)
-    if args.one_process and 'data' in args.stages:
-        parser.error("--one-process times model steps only: drop 'data' from --stages")
 
     peaks, peak_source = peak_flops(torch.device(args.device))
     command = ' '.join(['python', *sys.argv])
@@ -307,10 +276,6 @@ def main():
     print("| step | compile | precision | img/s | GFLOP/img | GFLOP/s | of peak | peak mem MB |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
     rows = rows_for(args)
-    if args.one_process:
-        for row, result in measure_in_one_process(rows, args, torch.device(args.device)).items():
-            print_row(row, result, peaks)
-        return
     results = {row: [] for row in rows}
     for round_ in range(args.rounds):        # every row once per round, so slow drift hits all rows
         for row in rows:

@@ -16,9 +16,11 @@ Recipes: `--config configs/finetune_tiny_imagenet_improved.yaml` (the paper's 30
 `configs/finetune_tiny_imagenet_mae_default.yaml` (MAE's recipe it improves on),
 `configs/finetune_transfer.yaml` (CIFAR-100 and other small data sets), and
 `configs/finetune_fashion_mnist_quick.yaml` (a few minutes on a CPU).
-`--eval-only --init CKPT` evaluates a fine-tuned checkpoint and prints its top-1 and top-5.
+`--eval-only --init CKPT` evaluates a fine-tuned checkpoint and prints its top-1 and top-5, as
+linear_probe.py does a probe's.
 """
 import argparse
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -26,10 +28,10 @@ from torchvision.transforms import v2
 
 from data import (Augmentation, DeviceLoader, build_dataset, build_loader, decode_to_tensor,
                   eval_transform, normalization, per_image_transform, rand_augment)
-from training import (EpochProgress, Run, RunError, add_common_args, adamw, append_log, load_resume_checkpoint,
-                      lr_at, no_sync_unless, parse_args, prepare_log, run_main, save_checkpoint,
-                      seed_everything, set_lr)
-from vit import MODELS, load_pretrained
+from training import (Run, RunError, add_common_args, adamw, append_log, evaluate, evaluate_checkpoint,
+                      load_resume_checkpoint, parse_args, prepare_output, run_main, save_checkpoint,
+                      seed_everything, train_one_epoch)
+from vit import load_pretrained, vit
 
 STAGE = 'finetune'
 CLEAN_TRAIN_IMAGES = 10_000     # the training images the last epoch is evaluated on (a fixed sample)
@@ -137,58 +139,15 @@ def build_parser():
     return parser
 
 
-def train_one_epoch(model, loader, optimizer, batch_mixing, epoch, run, args):
-    """One pass over the loader with per-iteration lr, gradient accumulation and bf16 autocast."""
-    model.train()
-    optimizer.zero_grad(set_to_none=True)
-    steps = len(loader)
-    sums = {'loss': torch.zeros((), device=run.device)}
-    progress = EpochProgress(loader, epoch, run)
-    lr = 0.0
-    for step, (imgs, labels) in enumerate(progress):
-        if step % args.accum_iter == 0:
-            lr = lr_at(epoch + step / steps, run.lr, args.min_lr, args.warmup_epochs, args.epochs)
-            set_lr(optimizer, lr)
-        imgs = imgs.to(run.device, non_blocking=True)               # (B, 3, H, W)
-        targets = labels.to(run.device, non_blocking=True)          # (B,)
-        if batch_mixing is not None:
-            imgs, targets = batch_mixing(imgs, targets)             # targets (B, classes), soft
-        ends_accumulation = (step + 1) % args.accum_iter == 0
-        with no_sync_unless(model, ends_accumulation):
-            with run.autocast(args.amp):
-                logits = model(imgs)                                # (B, classes)
-            # cross_entropy smooths class indices and soft targets alike: t (1 - eps) + eps / classes
-            loss = F.cross_entropy(logits.float(), targets, label_smoothing=args.smoothing)
-            (loss / args.accum_iter).backward()
-        if ends_accumulation:
-            if args.clip_grad:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        sums['loss'] += loss.detach()
-        progress.show(step, imgs.shape[0], sums, lr)
-    return progress.summary(sums, lr)
-
-
-@torch.no_grad()
-def evaluate(model, loader, run, amp):
-    """Top-1 and top-5 accuracy (%) and mean cross-entropy on the validation set. Under DDP the counts
-    are summed over processes (the sampler pads each shard with a few repeated images, so a handful
-    may count twice)."""
-    model.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=run.device)  # top-1 hits, top-5 hits, loss, n
-    for imgs, labels in loader:
-        imgs = imgs.to(run.device, non_blocking=True)               # (B, 3, H, W)
-        labels = labels.to(run.device, non_blocking=True)           # (B,)
-        with run.autocast(amp):
-            logits = model(imgs).float()                            # (B, classes)
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, k), best first
-        hits = top5 == labels[:, None]                              # (B, k)
-        totals += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(),
-                               F.cross_entropy(logits, labels, reduction='sum'),
-                               torch.tensor(len(labels), device=run.device)]).double()
-    top1_hits, top5_hits, loss_sum, n = run.sum_over_processes(totals).tolist()
-    return {'top1': 100 * top1_hits / n, 'top5': 100 * top5_hits / n, 'loss': loss_sum / n}
+def classification_losses(model, imgs, labels, at, batch_mixing, smoothing):
+    """The loop's loss for one batch (training.train_one_epoch): MixUp / CutMix, then cross-entropy
+    against the (soft) targets; cross_entropy smooths class indices and soft targets alike:
+    t (1 - eps) + eps / classes."""
+    targets = labels                                                # (B,)
+    if batch_mixing is not None:
+        imgs, targets = batch_mixing(imgs, labels)                  # targets (B, classes), soft
+    logits = model(imgs)                                            # (B, classes)
+    return {'loss': F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)}
 
 
 def build_val_loader(args, run):
@@ -235,24 +194,13 @@ def build_train_loader(args, run, rand_aug):
     return loader, len(dataset), num_classes
 
 
-def load_init(model, path, eval_only, run):
-    """Load --init and say what was loaded and what starts fresh. Evaluating needs the head too."""
-    report = load_pretrained(model, path)
-    if run.is_main:
-        print(f"init from {path}: {report.summary()}", flush=True)
-    if eval_only and report.new:
-        raise RunError(f"--eval-only needs a fine-tuned checkpoint with a head for "
-                       f"{model.num_classes} classes, but {path} lacks {', '.join(report.new)}: "
-                       f"fine-tune it first, or pass --no-global-pool / --global-pool as it was trained")
-
-
 def main(argv=None):
     args = parse_args(build_parser(), argv)
     rand_aug = parse_rand_aug(args.rand_aug)
     if not 0 < args.layer_decay <= 1:
         raise RunError(f"--layer-decay must be in (0, 1], got {args.layer_decay}")
     if args.eval_only and not args.init:
-        raise RunError("--eval-only evaluates the weights given by --init: pass a fine-tuned checkpoint")
+        raise RunError("--eval-only evaluates the classifier given by --init: pass a fine-tuned checkpoint")
     run = Run(args)
     seed_everything(args.seed)
 
@@ -260,21 +208,18 @@ def main(argv=None):
     val_loader, num_val, num_classes = build_val_loader(args, run)
 
     # model -----------------------------------------------------------------------------------------
-    model = MODELS[args.model](img_size=args.img_size, patch_size=args.patch_size, num_classes=num_classes,
-                               global_pool=args.global_pool, drop_path_rate=args.drop_path).to(run.device)
-    if args.init and not args.resume:
-        load_init(model, args.init, args.eval_only, run)
-    elif not args.resume and run.is_main:
-        print("no --init: training from scratch (the supervised baseline)", flush=True)
-
+    model = vit(args.model, img_size=args.img_size, patch_size=args.patch_size, num_classes=num_classes,
+                global_pool=args.global_pool, drop_path_rate=args.drop_path).to(run.device)
     if args.eval_only:
-        run.announce(model, f" | eval only, {num_val} images")
-        stats = evaluate(run.wrap(model, args.compile, args.compile_mode), val_loader, run, args.amp)
-        if run.is_main:
-            print(f"eval {args.init}: top-1 {stats['top1']:.2f}% top-5 {stats['top5']:.2f}% "
-                  f"loss {stats['loss']:.4f} on {num_val} images", flush=True)
+        evaluate_checkpoint(model, args.init, val_loader, num_val, run, args)
         run.close()
         return
+    if args.init and not args.resume:
+        report = load_pretrained(model, args.init)               # the head and fc_norm start fresh
+        if run.is_main:
+            print(f"init from {args.init}: {report.summary()}", flush=True)
+    elif not args.resume and run.is_main:
+        print("no --init: training from scratch (the supervised baseline)", flush=True)
 
     loader, num_train, train_classes = build_train_loader(args, run, rand_aug)
     if train_classes != num_classes:
@@ -282,11 +227,13 @@ def main(argv=None):
     batch_mixing = build_batch_mixing(args.mixup, args.cutmix, num_classes)
 
     # optimizer -------------------------------------------------------------------------------------
+    effective_batch = args.batch_size * args.accum_iter * run.world_size
+    lr = args.lr if args.lr is not None else args.blr * effective_batch / 256   # the linear scaling rule
     groups = layer_decay_groups(model, args.weight_decay, args.layer_decay)
     if args.optimizer == 'adamw':
-        optimizer = adamw(groups, run.lr, (0.9, 0.999), run.device)
+        optimizer = adamw(groups, lr, (0.9, 0.999), run.device)
     else:   # the transfer recipe
-        optimizer = torch.optim.SGD(groups, lr=run.lr, momentum=0.9, nesterov=True)
+        optimizer = torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
     start_epoch, best_top1 = 0, 0.0
     if args.resume:
         ckpt = load_resume_checkpoint(args.resume, STAGE)
@@ -294,21 +241,24 @@ def main(argv=None):
         optimizer.load_state_dict(ckpt['optimizer'])
         start_epoch, best_top1 = ckpt['epoch'] + 1, ckpt['best_top1']
     train_model = run.wrap(model, args.compile, args.compile_mode)
-    run.announce(model, f" | {num_train} train / {num_val} val images, "
-                        f"{num_classes} classes, {len(loader)} steps/epoch")
-    log = prepare_log(run.output_dir, start_epoch) if run.is_main else None   # one process writes it
+    run.announce(model, lr, effective_batch, f" | {num_train} train / {num_val} val images, "
+                                             f"{num_classes} classes, {len(loader)} steps/epoch")
+    log = prepare_output(run, args, start_epoch)
 
     # the loop --------------------------------------------------------------------------------------
+    losses_of = functools.partial(classification_losses, batch_mixing=batch_mixing, smoothing=args.smoothing)
     for epoch in range(start_epoch, args.epochs):
         seed_everything(args.seed, epoch, run.rank)
         loader.sampler.set_epoch(epoch)
-        record = {'epoch': epoch, **train_one_epoch(train_model, loader, optimizer, batch_mixing, epoch, run, args)}
+        record = {'epoch': epoch, **train_one_epoch(train_model, loader, optimizer, lr, epoch, run, args,
+                                                    losses_of, clip_grad=args.clip_grad)}
         last, is_best = epoch + 1 == args.epochs, False
         if last or (epoch + 1) % args.eval_every == 0:
-            val = evaluate(train_model, val_loader, run, args.amp)
-            is_best = val['top1'] > best_top1
-            best_top1 = max(best_top1, val['top1'])
-            record.update(val_top1=val['top1'], val_top5=val['top5'], val_loss=val['loss'], best_top1=best_top1)
+            record.update({f'val_{name}': value for name, value in
+                           evaluate(train_model, val_loader, run, args.amp).items()})
+            is_best = record['val_top1'] > best_top1
+            best_top1 = max(best_top1, record['val_top1'])
+            record['best_top1'] = best_top1
         if last:   # did the fine-tune fit its own training images? (clean: the eval view, no mixing)
             clean_loader, num_clean, _ = build_eval_loader(args, run, train=True,
                                                            subset=min(args.subset or CLEAN_TRAIN_IMAGES,

@@ -10,7 +10,7 @@ is read against) is frozen; only a head is trained on its feature of each image:
 with LARS (momentum 0.9, weight decay 0), 10 warmup epochs of 90 then cosine to 0, and
 RandomResizedCrop + flip as the only augmentation. Top-1 and top-5 on the validation set go to
 log.jsonl after each epoch. The checkpoint holds the encoder's weights, unchanged, next to the head:
-`--eval-only --resume CHECKPOINT` evaluates it alone.
+`--eval-only --init CHECKPOINT` evaluates it alone, as finetune.py does a fine-tuned one.
 
 The lr. Official MAE scales it with the batch, lr = blr x batch / 256 with blr 0.1, and probes at a
 batch of 16384: lr 6.4 (configs/linprobe_tiny_imagenet.yaml keeps exactly that). But a LARS step moves
@@ -44,10 +44,10 @@ from tqdm import tqdm
 
 from data import (Augmentation, TensorBatches, build_dataset, build_loader, eval_transform, normalization,
                   per_image_transform)
-from training import (EpochProgress, Run, RunError, add_common_args, append_log, load_resume_checkpoint,
-                      lr_at, no_sync_unless, parse_args, prepare_log, run_main, save_checkpoint,
-                      seed_everything, set_lr)
-from vit import MODELS, load_pretrained, read_checkpoint
+from training import (Run, RunError, add_common_args, append_log, evaluate, evaluate_checkpoint,
+                      load_resume_checkpoint, parse_args, prepare_output, run_main, save_checkpoint,
+                      seed_everything, train_one_epoch)
+from vit import load_pretrained, read_checkpoint, vit
 
 STAGE = 'linear_probe'
 PROTOCOL_LR = 0.1 * 16384 / 256     # official MAE: blr 0.1 at an effective batch of 16384 -> 6.4
@@ -102,22 +102,18 @@ def probe_head(dim, num_classes):
     return nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), linear)
 
 
-def build_probe(args, num_classes, run):
-    """A VisionTransformer with the --init encoder (or a random one), frozen and in eval mode, and a
-    probe head. --feature avg builds the global-pool layout, so the feature is fc_norm(mean of patch
-    tokens): a checkpoint without fc_norm (any pre-training one) leaves it fresh, LayerNorm(1, 0)."""
-    model = MODELS[args.model](img_size=args.img_size, patch_size=args.patch_size,
-                               num_classes=num_classes, global_pool=args.feature == 'avg')
-    if args.init and not args.resume:      # a resumed run's checkpoint holds the encoder already
-        report = load_pretrained(model, args.init, allow_new=('head.', 'fc_norm.', 'norm.'))
-        if run.is_main:
-            print(f"init from {args.init}: {report.summary()}")
-    elif not args.init and run.is_main:
-        print("no --init: probing a randomly initialised encoder (the baseline)")
+def build_probe(args, num_classes):
+    """A VisionTransformer with a probe head, every other weight frozen (and random until main loads
+    --init). --feature avg builds the global-pool layout, so the feature is fc_norm(mean of patch
+    tokens): a checkpoint without fc_norm (any pre-training one) leaves it fresh, LayerNorm(1, 0). The
+    encoder has no dropout or drop path, so train mode (set by the loop) changes only the head's
+    BatchNorm."""
+    model = vit(args.model, img_size=args.img_size, patch_size=args.patch_size, num_classes=num_classes,
+                global_pool=args.feature == 'avg')
     model.head = probe_head(model.embed_dim, num_classes)
-    model.requires_grad_(False).eval()
+    model.requires_grad_(False)
     model.head.requires_grad_(True)
-    return model.to(run.device)
+    return model
 
 
 def encoder_fingerprint(model):
@@ -193,7 +189,8 @@ def knn_top1(train_features, train_labels, val_features, val_labels, k=20, tempe
 # --------------------------------------------------------------------------------------------------
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser, epochs=90, warmup_epochs=10, batch_size=512, blr=0.1, weight_decay=0.0)
+    add_common_args(parser, epochs=90, warmup_epochs=10, batch_size=512, blr=0.1, weight_decay=0.0,
+                    data_on_device=False)
     parser.set_defaults(blr=None)
     next(a for a in parser._actions if a.dest == 'blr').help = (
         f'base lr per 256 images, lr = blr x effective batch / 256 (official MAE: 0.1 at batch 16384). '
@@ -209,7 +206,7 @@ def build_parser():
                         'protocol (a little on large images, more on tiny ones: see above): fine for '
                         'ranking encoders, not for comparing with the paper. One process only')
     g.add_argument('--eval-only', action='store_true',
-                   help='evaluate the --resume checkpoint on the val images and exit')
+                   help='evaluate the probe checkpoint given by --init (encoder and head) and exit')
     g.add_argument('--val-subset', type=int, default=0,
                    help='evaluate on a fixed random sample of this many val images (0: all), for quick runs')
     g.add_argument('--crop-pct', type=float, default=0.875,
@@ -218,65 +215,20 @@ def build_parser():
     return parser
 
 
-def train_one_epoch(classifier, head, loader, optimizer, epoch, run, args):
-    """One pass of head training with per-iteration lr, gradient accumulation and bf16 autocast.
-    `classifier` maps a batch of the loader's inputs (images, or cached features) to logits."""
-    head.train()    # only the head's BatchNorm has a training mode; the encoder stays in eval
-    optimizer.zero_grad(set_to_none=True)
-    steps, lr = len(loader), 0.0
-    sums = {'loss': torch.zeros((), device=run.device), 'train_top1': torch.zeros((), device=run.device)}
-    progress = EpochProgress(loader, epoch, run)
-    for step, (inputs, labels) in enumerate(progress):
-        if step % args.accum_iter == 0:
-            lr = lr_at(epoch + step / steps, run.lr, args.min_lr, args.warmup_epochs, args.epochs)
-            set_lr(optimizer, lr)
-        inputs = inputs.to(run.device, non_blocking=True)             # (B, 3, H, W) or (B, D)
-        labels = labels.to(run.device, non_blocking=True)             # (B,)
-        ends_accumulation = (step + 1) % args.accum_iter == 0
-        with no_sync_unless(classifier, ends_accumulation):
-            with run.autocast(args.amp):
-                logits = classifier(inputs)                            # (B, num_classes)
-                loss = F.cross_entropy(logits.float(), labels)
-            (loss / args.accum_iter).backward()
-        if ends_accumulation:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        sums['loss'] += loss.detach()
-        sums['train_top1'] += 100 * (logits.argmax(1) == labels).float().mean()   # batches are equal
-        progress.show(step, len(labels), sums, lr)
-    return progress.summary(sums, lr)
-
-
-@torch.no_grad()
-def evaluate(classifier, head, batches, run, args):
-    """Top-1 / top-5 accuracy (%) and mean loss of `classifier` over (inputs, labels) batches,
-    summed over processes (under DDP the val sampler repeats a few images to even the shards)."""
-    head.eval()
-    totals = torch.zeros(4, device=run.device)          # loss sum, top-1 hits, top-5 hits, images
-    for inputs, labels in batches:
-        inputs = inputs.to(run.device, non_blocking=True)
-        labels = labels.to(run.device, non_blocking=True)
-        with run.autocast(args.amp):
-            logits = classifier(inputs).float()                        # (B, num_classes)
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices     # (B, 5)
-        hits = top5 == labels[:, None]                                 # (B, 5)
-        totals += torch.stack([F.cross_entropy(logits, labels, reduction='sum'), hits[:, 0].sum().float(),
-                               hits.any(1).sum().float(), labels.new_tensor(len(labels)).float()])
-    loss, top1, top5, count = run.sum_over_processes(totals).tolist()
-    return {'val_loss': loss / count, 'top1': 100 * top1 / count, 'top5': 100 * top5 / count}
+def probe_losses(classifier, inputs, labels, at):
+    """The loop's losses for one batch (training.train_one_epoch): cross-entropy, and the batch's
+    top-1 (%) on its training view, averaged into the log as train_top1 (batches are equal)."""
+    logits = classifier(inputs)                                       # (B, num_classes)
+    return {'loss': F.cross_entropy(logits.float(), labels),
+            'train_top1': 100 * (logits.argmax(1) == labels).float().mean()}
 
 
 def main(argv=None):
     args = parse_args(build_parser(), argv)
-    if args.eval_only and not args.resume:
-        raise RunError("--eval-only evaluates a probe checkpoint: pass it with --resume PATH")
-    default_lr = args.lr is None and args.blr is None
-    if default_lr:
-        args.lr = PROTOCOL_LR
+    if args.eval_only and not args.init:
+        raise RunError("--eval-only evaluates the probe given by --init: pass a probe checkpoint "
+                       "(OUTPUT_DIR/checkpoint.pth of a probe run)")
     run = Run(args)
-    if default_lr and run.is_main:
-        print(f"lr {PROTOCOL_LR:g}: the protocol's LARS lr, kept at any batch size (pass --blr 0.1 to "
-              f"scale it with the batch as official MAE)", flush=True)
     if args.cached_features and run.distributed:
         raise RunError("--cached-features runs in one process (the head trains in seconds): "
                        "run it without torchrun")
@@ -293,46 +245,60 @@ def main(argv=None):
     val_set, _ = build_dataset(args.data, args.data_root, train=False,
                                transform=eval_transform(args.img_size, args.crop_pct, stats), synthetic_size=args.img_size,
                                subset=args.val_subset, classes=args.classes)
+    val_loader = build_loader(val_set, args.batch_size, train=False, num_workers=args.num_workers,
+                              device=run.device, rank=run.rank, world_size=run.world_size)
 
-    # model and optimizer ---------------------------------------------------------------------------
-    model = build_probe(args, num_classes, run)
-    optimizer = LARS(model.head.parameters(), lr=run.lr, weight_decay=args.weight_decay)
+    # model -----------------------------------------------------------------------------------------
+    model = build_probe(args, num_classes).to(run.device)
+    if args.eval_only:
+        evaluate_checkpoint(model, args.init, val_loader, len(val_set), run, args)
+        run.close()
+        return
+    if args.init and not args.resume:      # a resumed run's checkpoint holds the encoder already
+        report = load_pretrained(model, args.init, allow_new=('head.', 'fc_norm.', 'norm.'))
+        if run.is_main:
+            print(f"init from {args.init}: {report.summary()}")
+    elif not args.init and run.is_main:
+        print("no --init: probing a randomly initialised encoder (the baseline)")
+
+    # optimizer: LARS on the head only --------------------------------------------------------------
+    effective_batch = args.batch_size * args.accum_iter * run.world_size
+    if args.lr is None and args.blr is None:
+        lr = PROTOCOL_LR
+        if run.is_main:
+            print(f"lr {PROTOCOL_LR:g}: the protocol's LARS lr, kept at any batch size (pass --blr 0.1 to "
+                  f"scale it with the batch as official MAE)", flush=True)
+    else:
+        lr = args.lr if args.lr is not None else args.blr * effective_batch / 256   # the linear scaling rule
+    optimizer = LARS(model.head.parameters(), lr=lr, weight_decay=args.weight_decay)
     start_epoch = 0
     if args.resume:
         ckpt = load_resume_checkpoint(args.resume, STAGE)
         model.load_state_dict(ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])
         start_epoch = ckpt['epoch'] + 1
-    val_loader = build_loader(val_set, args.batch_size, train=False, num_workers=args.num_workers,
-                              device=run.device, rank=run.rank, world_size=run.world_size)
-    if args.eval_only:
-        stats = evaluate(model, model.head, val_loader, run, args)
-        if run.is_main:
-            print(f"{args.resume}: top-1 {stats['top1']:.2f}, top-5 {stats['top5']:.2f}, "
-                  f"loss {stats['val_loss']:.4f} on {len(val_set)} val images", flush=True)
-        run.close()
-        return
 
     if args.cached_features:
         # the encoder never runs again: the head alone is the classifier of cached features, fed in
         # the image loader's sampler order, so it sees the very batches of the full protocol
-        features = cached_features(model, train_set, val_set, run, args)
+        features = cached_features(model.eval(), train_set, val_set, run, args)
         knn = knn_top1(features['train'], features['train_labels'], features['val'], features['val_labels'])
         print(f"kNN top-1 (k=20, cosine, T=0.07) of the cached features: {knn:.2f}", flush=True)
-        classifier = run.wrap(model.head, args.compile)
+        classifier = run.wrap(model.head, args.compile, args.compile_mode)
         loader = TensorBatches(features['train'], features['train_labels'], args.batch_size,
                                train=True, seed=args.seed)
         val_loader = TensorBatches(features['val'], features['val_labels'], args.batch_size, train=False)
     else:
-        classifier = run.wrap(model, args.compile)
+        classifier = run.wrap(model, args.compile, args.compile_mode)
         loader = build_loader(train_set, args.batch_size, train=True, num_workers=args.num_workers,
                               device=run.device, seed=args.seed, rank=run.rank,
                               world_size=run.world_size)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    run.announce(model, f" | frozen encoder {frozen / 1e6:.2f}M params, feature {args.feature}, "
-                        f"{'cached features' if args.cached_features else 'full protocol'} | "
-                        f"{len(train_set)} images, {len(loader)} steps/epoch")
-    log = prepare_log(run.output_dir, start_epoch) if run.is_main else None   # one process writes it
+    run.announce(model, lr, effective_batch,
+                 f" | frozen encoder {frozen / 1e6:.2f}M params, feature {args.feature}, "
+                 f"{'cached features' if args.cached_features else 'full protocol'} | "
+                 f"{len(train_set)} images, {len(loader)} steps/epoch")
+    log = prepare_output(run, args, start_epoch)
 
     # the loop --------------------------------------------------------------------------------------
     # cached epochs take less time than writing the encoder to disk: save ten times a run
@@ -340,8 +306,9 @@ def main(argv=None):
     for epoch in range(start_epoch, args.epochs):
         seed_everything(args.seed, epoch, run.rank)
         loader.sampler.set_epoch(epoch)
-        stats = train_one_epoch(classifier, model.head, loader, optimizer, epoch, run, args)
-        stats.update(evaluate(classifier, model.head, val_loader, run, args))
+        stats = train_one_epoch(classifier, loader, optimizer, lr, epoch, run, args, probe_losses)
+        stats.update({f'val_{name}': value for name, value in
+                      evaluate(classifier, val_loader, run, args.amp).items()})
         if args.cached_features and epoch + 1 == args.epochs:
             stats['knn_top1'] = knn
         if run.is_main:
@@ -350,7 +317,7 @@ def main(argv=None):
                 save_checkpoint(run.output_dir / 'checkpoint.pth', stage=STAGE, epoch=epoch,
                                 args=vars(args), model=model.state_dict(), optimizer=optimizer.state_dict())
             print(f"epoch {epoch}: loss {stats['loss']:.4f}, train top-1 {stats['train_top1']:.2f}, "
-                  f"val top-1 {stats['top1']:.2f}, top-5 {stats['top5']:.2f}", flush=True)
+                  f"val top-1 {stats['val_top1']:.2f}, top-5 {stats['val_top5']:.2f}", flush=True)
     run.close()
 
 

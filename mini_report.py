@@ -113,8 +113,8 @@ def read_finetunes(run):
 
 def probe_result(run, name):
     """(linear probe top-1 of the last epoch, kNN top-1) of probe run `name`, or (None, None)."""
-    record = last_record(run / name, 'top1')
-    return (record['top1'], record.get('knn_top1')) if record else (None, None)
+    record = last_record(run / name, 'val_top1')
+    return (record['val_top1'], record.get('knn_top1')) if record else (None, None)
 
 
 def reconstruction_loss(run, name):

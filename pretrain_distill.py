@@ -22,17 +22,17 @@ Run `python pretrain_distill.py --help` for the flags; `--config configs/dmae_ti
 the paper's recipe, `configs/dmae_tiny_fashion_mnist_quick.yaml` a CPU one (its header says how to
 get the teacher).
 """
+import functools
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from data import normalization
-from pretrain_mae import MAE, MAES, build_parser as build_mae_parser, pretrain_data, save_reconstruction_figure
-from training import (EpochProgress, Run, RunError, adamw, append_log, load_resume_checkpoint, lr_at,
-                      no_sync_unless, parse_args, prepare_log, run_main, save_checkpoint, seed_everything,
-                      set_lr, weight_decay_groups)
-from vit import MODELS, CheckpointError, VisionTransformer, load_pretrained
+from pretrain_mae import MAE, build_mae, build_parser as build_mae_parser, pretrain_data, save_reconstruction_figure
+from training import (Run, RunError, adamw, append_log, load_resume_checkpoint, parse_args, prepare_output,
+                      run_main, save_checkpoint, seed_everything, train_one_epoch, weight_decay_groups)
+from vit import SIZES, CheckpointError, VisionTransformer, load_pretrained, vit
 
 STAGE = 'pretrain_distill'
 
@@ -175,7 +175,7 @@ def build_teacher(name, path, img_size, patch_size):
     """The frozen teacher encoder: `name` built at the student's image and patch size (so both cut the
     same patches), with the encoder weights of the MAE checkpoint at `path` (ours, official MAE or
     MAE-Lite; the decoder is dropped). A checkpoint of another size or patch size is refused."""
-    teacher = MODELS[name](img_size=img_size, patch_size=patch_size, num_classes=0, global_pool=False)
+    teacher = vit(name, img_size=img_size, patch_size=patch_size, num_classes=0, global_pool=False)
     try:
         load_pretrained(teacher, path, allow_new=())
     except CheckpointError as e:
@@ -195,7 +195,7 @@ def build_parser():
     g = parser.add_argument_group('D-MAE')
     g.add_argument('--teacher', help='pre-trained MAE checkpoint of the teacher (required; paper: '
                                      'MAE-Base 1600 epochs, official file; its decoder is ignored)')
-    g.add_argument('--teacher-model', default='vit_base', choices=sorted(MODELS),
+    g.add_argument('--teacher-model', default='vit_base', choices=list(SIZES),
                    help='teacher encoder size (paper: vit_base)')
     g.add_argument('--alpha', type=float, default=1.0,
                    help='weight of the attention-distillation loss, summed over --distill-layers (paper: '
@@ -213,31 +213,10 @@ def build_parser():
     return parser
 
 
-def train_one_epoch(model, loader, optimizer, epoch, run, args):
-    """pretrain_mae's loop, summing every loss the model returns (MAE and distillation)."""
-    model.train()
-    optimizer.zero_grad(set_to_none=True)
-    steps, lr, sums = len(loader), 0.0, None
-    progress = EpochProgress(loader, epoch, run)
-    for step, (imgs, _) in enumerate(progress):
-        if step % args.accum_iter == 0:
-            lr = lr_at(epoch + step / steps, run.lr, args.min_lr, args.warmup_epochs, args.epochs)
-            set_lr(optimizer, lr)
-        imgs = imgs.to(run.device, non_blocking=True)               # (B, 3, H, W)
-        ends_accumulation = (step + 1) % args.accum_iter == 0
-        with no_sync_unless(model, ends_accumulation):
-            with run.autocast(args.amp):
-                losses = model(imgs, mask_ratio=args.mask_ratio)
-            (losses['loss'] / args.accum_iter).backward()
-        if ends_accumulation:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        if sums is None:
-            sums = {k: torch.zeros((), device=run.device) for k in losses}
-        for k, v in losses.items():
-            sums[k] += v.detach()
-        progress.show(step, imgs.shape[0], sums, lr)
-    return progress.summary(sums, lr)
+def dmae_losses(model, imgs, labels, at, mask_ratio):
+    """The loop's losses for one batch (training.train_one_epoch): MAE's, the distillation's, and
+    their sum 'loss' (DistilledMAE.forward); labels are not used."""
+    return model(imgs, mask_ratio=mask_ratio)
 
 
 def main(argv=None):
@@ -254,8 +233,8 @@ def main(argv=None):
     loader, shown_imgs = pretrain_data(args, run)
 
     # model: student, teacher, adapters -------------------------------------------------------------
-    student = MAES[args.model](img_size=args.img_size, patch_size=args.patch_size,
-                               norm_pix_loss=args.norm_pix_loss)
+    student = build_mae(args.model, img_size=args.img_size, patch_size=args.patch_size,
+                        norm_pix_loss=args.norm_pix_loss)
     if args.init:
         report = load_pretrained(student, args.init, allow_new=('decoder', 'mask_token'))
         if run.is_main:
@@ -269,7 +248,9 @@ def main(argv=None):
                          args.alpha_hidden).to(run.device)
 
     # optimizer: student and adapters (the frozen teacher and pos-embeds are left out) ----------------
-    optimizer = adamw(weight_decay_groups(model, args.weight_decay), run.lr, (0.9, 0.95), run.device)
+    effective_batch = args.batch_size * args.accum_iter * run.world_size
+    lr = args.lr if args.lr is not None else args.blr * effective_batch / 256   # the linear scaling rule
+    optimizer = adamw(weight_decay_groups(model, args.weight_decay), lr, (0.9, 0.95), run.device)
     start_epoch = 0
     if args.resume:
         ckpt = load_resume_checkpoint(args.resume, STAGE)
@@ -284,17 +265,18 @@ def main(argv=None):
         start_epoch = ckpt['epoch'] + 1
     train_model = run.wrap(model, args.compile, args.compile_mode)
     teacher_params = sum(p.numel() for p in teacher.parameters())
-    run.announce(model, f" | teacher {args.teacher_model} ({teacher_params / 1e6:.1f}M, frozen) "
+    run.announce(model, lr, effective_batch, f" | teacher {args.teacher_model} ({teacher_params / 1e6:.1f}M, frozen) "
                         f"{args.teacher} | attention pairs (student, teacher) {attn_pairs}"
                         f"{f' | hidden pairs {hidden_pairs}' if hidden_pairs else ''}"
                         f" | {len(loader.sampler) * run.world_size} images, {len(loader)} steps/epoch")
-    log = prepare_log(run.output_dir, start_epoch) if run.is_main else None   # one process writes it
+    log = prepare_output(run, args, start_epoch)
 
     # the loop --------------------------------------------------------------------------------------
+    losses_of = functools.partial(dmae_losses, mask_ratio=args.mask_ratio)
     for epoch in range(start_epoch, args.epochs):
         seed_everything(args.seed, epoch, run.rank)
         loader.sampler.set_epoch(epoch)
-        stats = train_one_epoch(train_model, loader, optimizer, epoch, run, args)
+        stats = train_one_epoch(train_model, loader, optimizer, lr, epoch, run, args, losses_of)
         if run.is_main:
             append_log(log, {'epoch': epoch, **stats})
             save_checkpoint(run.output_dir / 'checkpoint.pth', stage=STAGE, epoch=epoch, args=vars(args),

@@ -12,7 +12,7 @@ Run `python pretrain_mae.py --help` for the flags; `--config configs/mae_tiny_im
 paper's 400-epoch ImageNet recipe, `--config configs/mae_tiny_fashion_mnist_quick.yaml` a laptop one.
 """
 import argparse
-import math
+import functools
 import os
 
 import torch
@@ -21,11 +21,10 @@ from einops import rearrange
 
 from data import (Augmentation, DeviceLoader, build_dataset, build_loader, decode_to_tensor,
                   eval_transform, normalization, per_image_transform)
-from training import (EpochProgress, Run, RunError, add_common_args, adamw, append_log, load_resume_checkpoint,
-                      lr_at, no_sync_unless, parse_args, prepare_log, run_main, save_checkpoint,
-                      seed_everything, set_lr, weight_decay_groups)
-from vit import (Block, CheckpointError, VisionTransformer, gather_tokens, load_pretrained, read_checkpoint,
-                 sincos_pos_embed)
+from training import (Run, RunError, add_common_args, adamw, append_log, load_resume_checkpoint, parse_args,
+                      prepare_output, run_main, save_checkpoint, seed_everything, train_one_epoch,
+                      weight_decay_groups)
+from vit import MAE_DECODERS, SIZES, Block, VisionTransformer, gather_tokens, load_pretrained, sincos_pos_embed
 
 STAGE = 'pretrain_mae'
 
@@ -70,7 +69,9 @@ class MAE(VisionTransformer):
 
     # 1. -------------------------------------------------------------------------------------------
     def patchify(self, imgs):
-        """(B, C, H, W) -> (B, L, p*p*C), each patch's pixels in (row, column, channel) order."""
+        """(B, C, H, W) -> (B, L, p*p*C), each patch's pixels in (row, column, channel) order: the
+        official target order, so official decoders predict our targets (vit.PatchEmbed cuts
+        patches as (c p1 p2) instead, the order of its conv weight)."""
         p = self.patch_embed.patch_size
         return rearrange(imgs, 'b c (h p1) (w p2) -> b (h w) (p1 p2 c)', p1=p, p2=p)
 
@@ -134,59 +135,102 @@ class MAE(VisionTransformer):
         return self.forward_loss(imgs, pred, mask), pred, mask
 
 
-def mae_tiny(**kwargs):
-    """ViT-Tiny (192 wide, 12 heads) with MAE-Lite's light decoder: dim 96, depth 1, 3 heads."""
-    return MAE(embed_dim=192, depth=12, num_heads=12, decoder_embed_dim=96, decoder_depth=1,
-               decoder_num_heads=3, **kwargs)
+def build_mae(size, **kwargs):
+    """The MAE of a size in vit.SIZES with its decoder from vit.MAE_DECODERS (ViT-Tiny: MAE-Lite's
+    light decoder, dim 96, depth 1, 3 heads)."""
+    return MAE(**SIZES[size], **MAE_DECODERS[size], **kwargs)
 
 
-def mae_small(**kwargs):
-    return MAE(embed_dim=384, depth=12, num_heads=12, decoder_embed_dim=192, decoder_depth=1,
-               decoder_num_heads=6, **kwargs)
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser, epochs=400, warmup_epochs=40, batch_size=256, blr=1.5e-4, weight_decay=0.05)
+    g = parser.add_argument_group('MAE')
+    g.add_argument('--mask-ratio', type=float, default=0.75, help='share of patches masked (paper: 0.75)')
+    g.add_argument('--norm-pix-loss', action=argparse.BooleanOptionalAction, default=True,
+                   help='regress per-patch normalised pixels (paper: on)')
+    g.add_argument('--min-crop-scale', type=float, default=0.08,
+                   help='RandomResizedCrop scale lower bound (paper: 0.08; official MAE: 0.2)')
+    return parser
 
 
-def mae_base(**kwargs):
-    """MAE-Base as official MAE: decoder dim 512, depth 8, 16 heads (the D-MAE teacher)."""
-    return MAE(embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=512, decoder_depth=8,
-               decoder_num_heads=16, **kwargs)
+def mae_losses(model, imgs, labels, at, mask_ratio):
+    """The loop's losses for one batch (training.train_one_epoch): MAE's loss; labels are not used."""
+    loss, _, _ = model(imgs, mask_ratio=mask_ratio)
+    return {'loss': loss}
 
 
-MAES = {'vit_tiny': mae_tiny, 'vit_small': mae_small, 'vit_base': mae_base}
+def pretrain_data(args, run):
+    """The training loader (MAE's augmentation) and 6 validation images for the reconstruction figure;
+    shared with pretrain_distill.py. The labels are never used (--classes only picks the images)."""
+    augmentation = Augmentation(min_scale=args.min_crop_scale)      # crop + flip, nothing else
+    stats = normalization(args.data)
+    if args.data_on_device:     # small data sets: decoded once, augmented in batches on the device
+        images, labels, _ = decode_to_tensor(args.data, args.data_root, True, args.img_size,
+                                             subset=args.subset, classes=args.classes, device=run.device)
+        loader = DeviceLoader(images, labels, args.batch_size, train=True, augmentation=augmentation,
+                              stats=stats, seed=args.seed, rank=run.rank, world_size=run.world_size)
+    else:
+        dataset, _ = build_dataset(args.data, args.data_root, train=True,
+                                   transform=per_image_transform(augmentation, args.img_size, stats),
+                                   synthetic_size=args.img_size, subset=args.subset, classes=args.classes)
+        loader = build_loader(dataset, args.batch_size, train=True, num_workers=args.num_workers,
+                              device=run.device, seed=args.seed, rank=run.rank, world_size=run.world_size)
+    shown, _ = build_dataset(args.data, args.data_root, train=False, classes=args.classes,
+                             transform=eval_transform(args.img_size, stats=stats), synthetic_size=args.img_size)
+    shown_imgs = torch.stack([shown[i][0] for i in range(min(6, len(shown)))])  # (6, 3, H, W)
+    return loader, shown_imgs
 
 
-def load_mae(path, img_size=None, norm_pix_loss=None):
-    """An MAE with its decoder from a pre-training checkpoint: ours, official MAE ({'model': sd}) or
-    MAE-Lite ('module.model.' keys). The size (tiny/small/base by encoder width), patch size and
-    native image size (img_size=None) are read from the weights; norm_pix_loss from our saved args,
-    else as given (default on, as MAE-Lite trains). Both position tables are fixed sin-cos functions
-    of the grid, so they are rebuilt for the image size rather than loaded."""
-    ckpt = read_checkpoint(path)
-    ckpt = ckpt if isinstance(ckpt, dict) else {}
-    state = {k.removeprefix('module.').removeprefix('model.'): v
-             for k, v in ckpt.get('model', ckpt).items() if isinstance(v, torch.Tensor)}
-    if not {'decoder_pred.weight', 'patch_embed.proj.weight', 'pos_embed', 'cls_token'} <= state.keys():
-        raise CheckpointError(f"{path} holds no MAE with its decoder: pass a pre-training checkpoint "
-                              f"that keeps it (ours, MAE-Lite's, or official MAE's visualisation ones)")
-    sizes = {192: 'vit_tiny', 384: 'vit_small', 768: 'vit_base'}
-    width, patch_size = state['cls_token'].shape[-1], state['patch_embed.proj.weight'].shape[-1]
-    if width not in sizes:
-        raise CheckpointError(f"{path}: encoder width {width} is none of {sorted(sizes)} (tiny/small/base)")
-    native_grid = math.isqrt(state.pop('pos_embed').shape[1] - 1)     # (1, 1 + grid**2, D)
-    state.pop('decoder_pos_embed', None)
-    saved_args = ckpt['args'] if isinstance(ckpt.get('args'), dict) else {}
-    if norm_pix_loss is None:
-        norm_pix_loss = saved_args.get('norm_pix_loss', True)
-    model = MAES[sizes[width]](img_size=img_size or native_grid * patch_size, patch_size=patch_size,
-                               norm_pix_loss=norm_pix_loss)
-    own = model.state_dict()
-    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
-             if k in own and v.shape != own[k].shape]
-    missing = [k for k in own if k not in state and k not in ('pos_embed', 'decoder_pos_embed')]
-    if wrong or missing:
-        raise CheckpointError(f"{path} does not fit {sizes[width]}'s MAE: "
-                              f"{'; '.join(wrong[:3] + [f'missing {k}' for k in missing[:3]])}")
-    model.load_state_dict(state, strict=False)
-    return model
+def main(argv=None):
+    args = parse_args(build_parser(), argv)
+    if not 0 < args.mask_ratio < 1:
+        raise RunError(f"--mask-ratio must be in (0, 1), got {args.mask_ratio}")
+    run = Run(args)
+    seed_everything(args.seed)
+
+    # data ------------------------------------------------------------------------------------------
+    loader, shown_imgs = pretrain_data(args, run)
+
+    # model and optimizer ---------------------------------------------------------------------------
+    model = build_mae(args.model, img_size=args.img_size, patch_size=args.patch_size,
+                      norm_pix_loss=args.norm_pix_loss).to(run.device)
+    if args.init:
+        report = load_pretrained(model, args.init, allow_new=('decoder', 'mask_token'))
+        if run.is_main:
+            print(f"init from {args.init}: {report.summary()}")
+    effective_batch = args.batch_size * args.accum_iter * run.world_size
+    lr = args.lr if args.lr is not None else args.blr * effective_batch / 256   # the linear scaling rule
+    optimizer = adamw(weight_decay_groups(model, args.weight_decay), lr, (0.9, 0.95), run.device)
+    start_epoch = 0
+    if args.resume:
+        ckpt = load_resume_checkpoint(args.resume, STAGE)
+        model.load_state_dict(ckpt['model'])
+        optimizer.load_state_dict(ckpt['optimizer'])
+        start_epoch = ckpt['epoch'] + 1
+    train_model = run.wrap(model, args.compile, args.compile_mode)
+    run.announce(model, lr, effective_batch,
+                 f" | {len(loader.sampler) * run.world_size} images, {len(loader)} steps/epoch")
+    log = prepare_output(run, args, start_epoch)
+
+    # the loop --------------------------------------------------------------------------------------
+    losses_of = functools.partial(mae_losses, mask_ratio=args.mask_ratio)
+    for epoch in range(start_epoch, args.epochs):
+        seed_everything(args.seed, epoch, run.rank)
+        loader.sampler.set_epoch(epoch)
+        stats = train_one_epoch(train_model, loader, optimizer, lr, epoch, run, args, losses_of)
+        if run.is_main:
+            append_log(log, {'epoch': epoch, **stats})
+            save_checkpoint(run.output_dir / 'checkpoint.pth', stage=STAGE, epoch=epoch, args=vars(args),
+                            model=model.state_dict(), optimizer=optimizer.state_dict())
+            save_reconstruction_figure(model, shown_imgs, run.output_dir / 'reconstruction.png',
+                                       f"MAE {args.model}, epoch {epoch}, loss {stats['loss']:.3f}",
+                                       normalization(args.data), args.mask_ratio)
+            print(f"epoch {epoch}: loss {stats['loss']:.4f}, {stats['img_per_s']:.0f} img/s, "
+                  f"checkpoint {run.output_dir / 'checkpoint.pth'}", flush=True)
+    run.close()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -237,113 +281,6 @@ def save_reconstruction_figure(model, imgs, path, title, stats, mask_ratio=0.75,
     fig.savefig(tmp, format='png', dpi=80)
     plt.close(fig)
     os.replace(tmp, path)
-
-
-# --------------------------------------------------------------------------------------------------
-# Training
-# --------------------------------------------------------------------------------------------------
-def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser, epochs=400, warmup_epochs=40, batch_size=256, blr=1.5e-4, weight_decay=0.05)
-    g = parser.add_argument_group('MAE')
-    g.add_argument('--mask-ratio', type=float, default=0.75, help='share of patches masked (paper: 0.75)')
-    g.add_argument('--norm-pix-loss', action=argparse.BooleanOptionalAction, default=True,
-                   help='regress per-patch normalised pixels (paper: on)')
-    g.add_argument('--min-crop-scale', type=float, default=0.08,
-                   help='RandomResizedCrop scale lower bound (paper: 0.08; official MAE: 0.2)')
-    return parser
-
-
-def train_one_epoch(model, loader, optimizer, epoch, run, args):
-    """One pass over the loader with per-iteration lr, gradient accumulation and bf16 autocast."""
-    model.train()
-    optimizer.zero_grad(set_to_none=True)
-    steps, lr = len(loader), 0.0
-    sums = {'loss': torch.zeros((), device=run.device)}
-    progress = EpochProgress(loader, epoch, run)
-    for step, (imgs, _) in enumerate(progress):
-        if step % args.accum_iter == 0:
-            lr = lr_at(epoch + step / steps, run.lr, args.min_lr, args.warmup_epochs, args.epochs)
-            set_lr(optimizer, lr)
-        imgs = imgs.to(run.device, non_blocking=True)               # (B, 3, H, W)
-        ends_accumulation = (step + 1) % args.accum_iter == 0
-        with no_sync_unless(model, ends_accumulation):
-            with run.autocast(args.amp):
-                loss, _, _ = model(imgs, mask_ratio=args.mask_ratio)
-            (loss / args.accum_iter).backward()
-        if ends_accumulation:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        sums['loss'] += loss.detach()
-        progress.show(step, imgs.shape[0], sums, lr)
-    return progress.summary(sums, lr)
-
-
-def pretrain_data(args, run):
-    """The training loader (MAE's augmentation) and 6 validation images for the reconstruction figure;
-    shared with pretrain_distill.py. The labels are never used (--classes only picks the images)."""
-    augmentation = Augmentation(min_scale=args.min_crop_scale)      # crop + flip, nothing else
-    stats = normalization(args.data)
-    if args.data_on_device:     # small data sets: decoded once, augmented in batches on the device
-        images, labels, _ = decode_to_tensor(args.data, args.data_root, True, args.img_size,
-                                             subset=args.subset, classes=args.classes, device=run.device)
-        loader = DeviceLoader(images, labels, args.batch_size, train=True, augmentation=augmentation,
-                              stats=stats, seed=args.seed, rank=run.rank, world_size=run.world_size)
-    else:
-        dataset, _ = build_dataset(args.data, args.data_root, train=True,
-                                   transform=per_image_transform(augmentation, args.img_size, stats),
-                                   synthetic_size=args.img_size, subset=args.subset, classes=args.classes)
-        loader = build_loader(dataset, args.batch_size, train=True, num_workers=args.num_workers,
-                              device=run.device, seed=args.seed, rank=run.rank, world_size=run.world_size)
-    shown, _ = build_dataset(args.data, args.data_root, train=False, classes=args.classes,
-                             transform=eval_transform(args.img_size, stats=stats), synthetic_size=args.img_size)
-    shown_imgs = torch.stack([shown[i][0] for i in range(min(6, len(shown)))])  # (6, 3, H, W)
-    return loader, shown_imgs
-
-
-def main(argv=None):
-    args = parse_args(build_parser(), argv)
-    if not 0 < args.mask_ratio < 1:
-        raise RunError(f"--mask-ratio must be in (0, 1), got {args.mask_ratio}")
-    run = Run(args)
-    seed_everything(args.seed)
-
-    # data ------------------------------------------------------------------------------------------
-    loader, shown_imgs = pretrain_data(args, run)
-
-    # model and optimizer ---------------------------------------------------------------------------
-    model = MAES[args.model](img_size=args.img_size, patch_size=args.patch_size,
-                             norm_pix_loss=args.norm_pix_loss).to(run.device)
-    if args.init:
-        report = load_pretrained(model, args.init, allow_new=('decoder', 'mask_token'))
-        if run.is_main:
-            print(f"init from {args.init}: {report.summary()}")
-    optimizer = adamw(weight_decay_groups(model, args.weight_decay), run.lr, (0.9, 0.95), run.device)
-    start_epoch = 0
-    if args.resume:
-        ckpt = load_resume_checkpoint(args.resume, STAGE)
-        model.load_state_dict(ckpt['model'])
-        optimizer.load_state_dict(ckpt['optimizer'])
-        start_epoch = ckpt['epoch'] + 1
-    train_model = run.wrap(model, args.compile, args.compile_mode)
-    run.announce(model, f" | {len(loader.sampler) * run.world_size} images, {len(loader)} steps/epoch")
-    log = prepare_log(run.output_dir, start_epoch) if run.is_main else None   # one process writes it
-
-    # the loop --------------------------------------------------------------------------------------
-    for epoch in range(start_epoch, args.epochs):
-        seed_everything(args.seed, epoch, run.rank)
-        loader.sampler.set_epoch(epoch)
-        stats = train_one_epoch(train_model, loader, optimizer, epoch, run, args)
-        if run.is_main:
-            append_log(log, {'epoch': epoch, **stats})
-            save_checkpoint(run.output_dir / 'checkpoint.pth', stage=STAGE, epoch=epoch, args=vars(args),
-                            model=model.state_dict(), optimizer=optimizer.state_dict())
-            save_reconstruction_figure(model, shown_imgs, run.output_dir / 'reconstruction.png',
-                                       f"MAE {args.model}, epoch {epoch}, loss {stats['loss']:.3f}",
-                                       normalization(args.data), args.mask_ratio)
-            print(f"epoch {epoch}: loss {stats['loss']:.4f}, {stats['img_per_s']:.0f} img/s, "
-                  f"checkpoint {run.output_dir / 'checkpoint.pth'}", flush=True)
-    run.close()
 
 
 if __name__ == '__main__':

@@ -1,6 +1,8 @@
 """The plumbing every training script shares, and nothing else: flags and YAML configs, distributed
-set-up, seeding, the warmup-cosine schedule, AdamW groups, AMP/compile, atomic checkpoints, the
-metrics log, and the one-line error report. No model or algorithm code lives here."""
+set-up, seeding, the warmup-cosine schedule, AdamW groups, AMP/compile, the one training loop (each
+stage hands it a function that returns its losses for a batch), the one evaluation of a classifier,
+atomic checkpoints, the metrics log, and the one-line error report. No model or algorithm code lives
+here: the losses stay in the stages."""
 import argparse
 import contextlib
 import json
@@ -14,12 +16,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 from torch.nn.parallel import DistributedDataParallel
 
 from data import DataError
-from vit import CheckpointError, read_checkpoint
+from vit import SIZES, CheckpointError, load_pretrained, read_checkpoint
 
 
 class RunError(Exception):
@@ -70,8 +73,10 @@ def run_main(main):
 # Flags: one vocabulary for every stage; --config YAML sets defaults, flags override
 # --------------------------------------------------------------------------------------------------
 def add_common_args(parser, *, epochs, warmup_epochs, batch_size, blr, weight_decay, min_lr=0.0,
-                    img_size=224, patch_size=16):
-    """The flags every training script shares. Defaults are the stage's paper values."""
+                    img_size=224, patch_size=16, data_on_device=True):
+    """The flags every training script shares. Defaults are the stage's paper values;
+    data_on_device=False leaves out --data-on-device for a stage whose augmentation has no batched
+    form on the device."""
     def on_off(name, help):
         parser.add_argument(f'--{name}', action=argparse.BooleanOptionalAction, default=None,
                             help=help + ' (default: on for CUDA, off on CPU)')
@@ -100,10 +105,11 @@ def add_common_args(parser, *, epochs, warmup_epochs, batch_size, blr, weight_de
     g.add_argument('--patch-size', type=int, default=patch_size, help=f'paper: {patch_size}')
     g.add_argument('--num-workers', type=int, default=default_num_workers(),
                    help='data loader processes per process (default: 4, or the CPU count if fewer)')
-    g.add_argument('--data-on-device', action=argparse.BooleanOptionalAction, default=False,
-                   help='decode the training set once into a tensor on the device and augment there '
-                        '(crop + flip in one batched op; RandAugment, erasing image by image): for data '
-                        'sets that fit in memory')
+    if data_on_device:
+        g.add_argument('--data-on-device', action=argparse.BooleanOptionalAction, default=False,
+                       help='decode the training set once into a tensor on the device and augment there '
+                            '(crop + flip in one batched op; RandAugment, erasing image by image): for '
+                            'data sets that fit in memory')
     g.add_argument('--subset', type=int, default=0,
                    help='train on a fixed sample of this many images (0: all), an equal share of each '
                         'class: quick runs, or a few labels per class')
@@ -112,7 +118,7 @@ def add_common_args(parser, *, epochs, warmup_epochs, batch_size, blr, weight_de
                         "(train and val alike): a pre-training task and a downstream task from one data set")
 
     g = parser.add_argument_group('optimisation')
-    g.add_argument('--model', default='vit_tiny', choices=['vit_tiny', 'vit_small', 'vit_base'])
+    g.add_argument('--model', default='vit_tiny', choices=list(SIZES), help='encoder size (paper: vit_tiny)')
     g.add_argument('--epochs', type=int, default=epochs, help=f'paper: {epochs}')
     g.add_argument('--warmup-epochs', type=float, default=warmup_epochs, help=f'paper: {warmup_epochs}')
     g.add_argument('--batch-size', type=int, default=batch_size,
@@ -142,7 +148,8 @@ def class_list(text):
 
 def parse_args(parser, argv=None):
     """Flags > --config YAML > the --resume checkpoint's flags > the parser's (paper) defaults.
-    `--resume auto` resumes from OUTPUT_DIR/checkpoint.pth when there is one, else starts fresh."""
+    `--resume auto` resumes from OUTPUT_DIR/checkpoint.pth when there is one, else starts fresh.
+    --amp and --compile, when not given, are resolved here: on for CUDA, off on CPU."""
     known, _ = parser.parse_known_args(argv)
     config = read_config(parser, known.config) if known.config else {}
     parser.set_defaults(**config)
@@ -157,6 +164,9 @@ def parse_args(parser, argv=None):
         parser.set_defaults(**{**saved_args, **config})
     args = parser.parse_args(argv)
     args.resume = resume
+    on_gpu = args.device.startswith('cuda')
+    args.amp = on_gpu if args.amp is None else args.amp
+    args.compile = on_gpu if args.compile is None else args.compile
     if args.img_size % args.patch_size:
         raise RunError(f"--img-size {args.img_size} is not divisible by --patch-size "
                        f"{args.patch_size}: pick a multiple, e.g. --img-size "
@@ -200,7 +210,8 @@ def read_config(parser, path):
 # Devices, processes, seeds
 # --------------------------------------------------------------------------------------------------
 class Run:
-    """Where this process runs: device, rank and world size (torchrun sets RANK/WORLD_SIZE)."""
+    """Where this process runs: device, rank and world size (torchrun sets RANK/WORLD_SIZE), and the
+    process group when there are several processes."""
 
     def __init__(self, args):
         self.distributed = 'RANK' in os.environ and int(os.environ.get('WORLD_SIZE', 1)) > 1
@@ -217,28 +228,19 @@ class Run:
         else:
             self.device = torch.device(args.device)
         if self.distributed:
-            dist.init_process_group('nccl' if self.device.type == 'cuda' else 'gloo')
+            dist.init_process_group('nccl' if self.device.type == 'cuda' else 'gloo', store=attempt_store(),
+                                    rank=self.rank, world_size=self.world_size)
         self.is_main = self.rank == 0
-        # AMP and compile default on for CUDA, off on CPU
-        on_gpu = self.device.type == 'cuda'
-        args.amp = on_gpu if args.amp is None else args.amp
-        args.compile = on_gpu if args.compile is None else args.compile
-        self.effective_batch = args.batch_size * args.accum_iter * self.world_size
-        self.lr = args.lr if args.lr is not None else args.blr * self.effective_batch / 256
         self.output_dir = Path(args.output_dir)
-        if self.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            write_atomically(self.output_dir / 'config.yaml',
-                             yaml.safe_dump(vars(args), sort_keys=False).encode())
 
-    def announce(self, model, extra=''):
+    def announce(self, model, lr, effective_batch, extra=''):
         """The one line a run starts with."""
         params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         if self.is_main:
             print(f"device {self.device} x {self.world_size} | "
                   f"{f'{params / 1e6:.2f}M' if params >= 100_000 else f'{params:,}'} trainable params | "
-                  f"effective batch {self.effective_batch} | lr {self.lr:.3g} | "
-                  f"output {self.output_dir}{extra}", flush=True)
+                  f"effective batch {effective_batch} | lr {lr:.3g} | output {self.output_dir}{extra}",
+                  flush=True)
 
     def autocast(self, enabled):
         """bf16 autocast (no loss scaler needed, unlike fp16)."""
@@ -271,6 +273,21 @@ class Run:
             dist.destroy_process_group()
 
 
+def attempt_store():
+    """The store the process group meets in: torchrun's (env://), with its keys prefixed by the restart
+    attempt when one torchrun agent shares its store with every attempt (its default). Without the
+    prefix a restarted process can read a peer's address left by the attempt before, and connect to
+    a dead socket (init_process_group fails) or to one that an orphaned DataLoader worker of the
+    killed process still holds (it hangs); pytorch/pytorch#135712. Agents on several nodes count
+    restarts each on their own, so there the attempt is no common key: run them with
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, which gives every attempt a fresh store."""
+    store, _, _ = next(dist.rendezvous('env://'))
+    shared = os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True'
+    if shared and os.environ.get('GROUP_WORLD_SIZE', '1') == '1':
+        return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    return store
+
+
 def seed_everything(seed, epoch=0, rank=0):
     """Seed from (seed, epoch, rank) at the start of each epoch: masking, augmentation and loader
     workers then depend only on these, so a resumed run repeats the uninterrupted one exactly and
@@ -285,12 +302,6 @@ def no_sync_unless(model, sync):
     if sync or not isinstance(model, DistributedDataParallel):
         return contextlib.nullcontext()
     return model.no_sync()
-
-
-def unwrap(model):
-    """The plain module under DDP and torch.compile wrappers (for saving and evaluation)."""
-    model = model.module if isinstance(model, DistributedDataParallel) else model
-    return getattr(model, '_orig_mod', model)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -311,14 +322,14 @@ def set_lr(optimizer, lr):
         group['lr'] = lr * group.get('lr_scale', 1.0)
 
 
-def weight_decay_groups(model, weight_decay, no_decay=()):
-    """Two AdamW groups: decay for weight matrices, none for 1-D parameters (norms, biases) and for
-    names in `no_decay`. Frozen parameters (sin-cos position embeddings) are left out."""
+def weight_decay_groups(model, weight_decay):
+    """Two AdamW groups: decay for weight matrices, none for 1-D parameters (norms, biases). Frozen
+    parameters (sin-cos position embeddings) are left out."""
     decay, skip = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (skip if p.ndim <= 1 or name.endswith('.bias') or name in no_decay else decay).append(p)
+        (skip if p.ndim <= 1 or name.endswith('.bias') else decay).append(p)
     return [{'params': decay, 'weight_decay': weight_decay}, {'params': skip, 'weight_decay': 0.0}]
 
 
@@ -329,13 +340,54 @@ def adamw(groups, lr, betas, device):
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused, foreach=None if fused else True)
 
 
+# --------------------------------------------------------------------------------------------------
+# The loop every stage trains with, and the evaluation of a classifier
+# --------------------------------------------------------------------------------------------------
+def train_one_epoch(model, loader, optimizer, peak_lr, epoch, run, args, losses_of, clip_grad=None):
+    """One pass over the loader: the warmup-cosine lr set at every optimizer step, gradient
+    accumulation over args.accum_iter micro-batches (DDP all-reduces on the last one only), bf16
+    autocast with args.amp, and gradient-norm clipping when clip_grad is given.
+
+    losses_of(model, inputs, labels, at) -> dict of 0-d tensors for one micro-batch, `at` being the
+    fractional epoch (epoch + step / steps): 'loss' is minimised; every entry, 'loss' included, is
+    averaged over the epoch into the returned log record (with the last lr, img/s and the time)."""
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    steps, lr, sums = len(loader), 0.0, {}
+    progress = EpochProgress(loader, epoch, run)
+    for step, (inputs, labels) in enumerate(progress):
+        at = epoch + step / steps
+        if step % args.accum_iter == 0:
+            lr = lr_at(at, peak_lr, args.min_lr, args.warmup_epochs, args.epochs)
+            set_lr(optimizer, lr)
+        inputs = inputs.to(run.device, non_blocking=True)   # (B, 3, H, W); two views (B, 2, 3, H, W); features (B, D)
+        labels = labels.to(run.device, non_blocking=True)   # (B,)
+        ends_accumulation = (step + 1) % args.accum_iter == 0
+        with no_sync_unless(model, ends_accumulation):
+            with run.autocast(args.amp):
+                losses = losses_of(model, inputs, labels, at)
+            (losses['loss'] / args.accum_iter).backward()
+        if ends_accumulation:
+            if clip_grad:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        for name, value in losses.items():           # summed on the device: no host sync per step
+            sums[name] = sums.get(name, 0) + value.detach()
+        progress.images += len(labels) * run.world_size
+        if progress.due(step):
+            means = {name: total.item() / (step + 1) for name, total in sums.items()}   # a host sync
+            stop_if_diverged(means['loss'], epoch, step, run.output_dir)
+            progress.show(means, lr)
+    return progress.summary(sums, lr)
+
+
 class EpochProgress:
-    """The tqdm bar of one epoch. `show` is the loop's only host sync: every `every` steps it checks that
-    the running mean loss is finite and shows the running means with the lr and img/s. Losses are
-    summed on the device in `sums` (name -> 0-d tensor; 'loss' is the one checked)."""
+    """The tqdm bar of one epoch: every `every` steps (and at the last) the running mean losses, the
+    lr and img/s; `summary` makes the epoch's log record."""
 
     def __init__(self, loader, epoch, run, every=20):
-        self.run, self.epoch, self.every, self.steps = run, epoch, every, len(loader)
+        self.run, self.every, self.steps = run, every, len(loader)
         self.bar = tqdm(loader, desc=f"epoch {epoch}", disable=not run.is_main, dynamic_ncols=True)
         self.start = self.last_time = time.time()
         self.images = self.last_images = 0
@@ -343,12 +395,10 @@ class EpochProgress:
     def __iter__(self):
         return iter(self.bar)
 
-    def show(self, step, batch_size, sums, lr):
-        self.images += batch_size * self.run.world_size
-        if (step + 1) % self.every and step + 1 != self.steps:
-            return
-        means = {name: total.item() / (step + 1) for name, total in sums.items()}
-        check_finite(means['loss'], self.epoch, step, self.run.output_dir)
+    def due(self, step):
+        return (step + 1) % self.every == 0 or step + 1 == self.steps
+
+    def show(self, means, lr):
         now = time.time()
         img_per_s = (self.images - self.last_images) / (now - self.last_time)
         self.bar.set_postfix(**{k: f"{v:.4f}" for k, v in means.items()}, lr=f"{lr:.2e}",
@@ -362,11 +412,48 @@ class EpochProgress:
                 'lr': lr, 'img_per_s': self.images / elapsed, 'epoch_time_s': elapsed}
 
 
-def check_finite(loss_value, epoch, step, output_dir):
+def stop_if_diverged(loss_value, epoch, step, output_dir):
+    """A NaN or infinite running loss stops the run with one line; the last checkpoint is intact."""
     if not math.isfinite(loss_value):
         raise RunError(f"loss is {loss_value} at epoch {epoch} step {step}: training diverged; "
                        f"lower --blr or raise --warmup-epochs, then --resume from the last good "
                        f"checkpoint in {output_dir} (it is intact)")
+
+
+@torch.no_grad()
+def evaluate(model, loader, run, amp):
+    """A classifier's top-1 and top-5 accuracy (%) and mean cross-entropy over (inputs, labels)
+    batches: the one evaluation of finetune.py and linear_probe.py. Under DDP the counts are summed
+    over processes (the sampler pads each shard with a few repeated images, so a handful may count
+    twice). -> {'top1', 'top5', 'loss'}"""
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=run.device)  # top-1 hits, top-5 hits, loss, n
+    for inputs, labels in loader:
+        inputs = inputs.to(run.device, non_blocking=True)           # (B, 3, H, W) or features (B, D)
+        labels = labels.to(run.device, non_blocking=True)           # (B,)
+        with run.autocast(amp):
+            logits = model(inputs).float()                          # (B, classes)
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, k), best first
+        hits = top5 == labels[:, None]                              # (B, k)
+        totals += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(),
+                               F.cross_entropy(logits, labels, reduction='sum'),
+                               torch.tensor(len(labels), device=run.device)]).double()
+    top1_hits, top5_hits, loss_sum, n = run.sum_over_processes(totals).tolist()
+    return {'top1': 100 * top1_hits / n, 'top5': 100 * top5_hits / n, 'loss': loss_sum / n}
+
+
+def evaluate_checkpoint(model, path, loader, num_images, run, args):
+    """--eval-only: load the classifier saved at `path`, head included (a checkpoint of this stage),
+    evaluate it once and print one line."""
+    report = load_pretrained(model, path)
+    if report.new:
+        raise RunError(f"--eval-only needs a checkpoint of this stage with its head, but {path} lacks "
+                       f"{', '.join(report.new)}: train one first, and pass the flags it was trained with "
+                       f"(--config its config.yaml)")
+    result = evaluate(run.wrap(model, args.compile, args.compile_mode), loader, run, args.amp)
+    if run.is_main:
+        print(f"{path}: top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}% loss {result['loss']:.4f} "
+              f"on {num_images} images ({run.device} x {run.world_size})", flush=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -384,6 +471,7 @@ def write_atomically(path, payload):
 
 def save_checkpoint(path, **state):
     """torch.save, atomically. Saved args must be plain types (loadable with weights_only=True)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(f"{path}.tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -399,9 +487,15 @@ def load_resume_checkpoint(path, stage):
     return ckpt
 
 
-def prepare_log(output_dir, start_epoch):
-    """A resumed run appends to log.jsonl; lines of epochs it will redo are dropped first."""
-    log = Path(output_dir) / 'log.jsonl'
+def prepare_output(run, args, start_epoch):
+    """On the main process: OUTPUT_DIR with config.yaml (the resolved flags) and log.jsonl, from
+    which a resumed run first drops the lines of the epochs it will redo. -> the log's path on the
+    main process, None on the others (one process writes)."""
+    if not run.is_main:
+        return None
+    run.output_dir.mkdir(parents=True, exist_ok=True)
+    write_atomically(run.output_dir / 'config.yaml', yaml.safe_dump(vars(args), sort_keys=False).encode())
+    log = run.output_dir / 'log.jsonl'
     if log.exists():
         kept = [line for line in log.read_text().splitlines()
                 if line.strip() and json.loads(line).get('epoch', -1) < start_epoch]

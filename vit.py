@@ -9,7 +9,8 @@ Two things go beyond a classifier, for MAE and for the paper's analysis:
   * `encode(..., attn_layers=..., return_layers=True)` also returns the pre-softmax attention logits
     of the chosen blocks and every layer's normed input tokens.
 
-The bottom of the file loads checkpoints of every known layout (`load_pretrained`).
+The bottom of the file loads checkpoints of every known layout (`load_pretrained`, and `load_mae`
+for an MAE with its decoder); `SIZES` is the one table of model sizes.
 """
 import math
 from typing import NamedTuple
@@ -48,6 +49,8 @@ class PatchEmbed(nn.Module):
         if visible_idx is None:
             return rearrange(self.proj(imgs), 'b d h w -> b (h w) d')
         p = self.patch_size
+        # (c p1 p2): the order of the conv weight's flattened input, so the Linear is the conv
+        # (MAE.patchify's (p1 p2 c) is the official pixel-target order instead)
         patches = rearrange(imgs, 'b c (h p1) (w p2) -> b (h w) (c p1 p2)', p1=p, p2=p)  # (B, L, C*p*p)
         visible = gather_tokens(patches, visible_idx)                                   # (B, N, C*p*p)
         return F.linear(visible, self.proj.weight.flatten(1), self.proj.bias)            # (B, N, D)
@@ -215,20 +218,24 @@ class VisionTransformer(nn.Module):
         return self.head(self.pool(self.encode(imgs).tokens))         # (B, num_classes)
 
 
-def vit_tiny(**kwargs):
-    """ViT-Tiny as in the paper: DeiT-Tiny's width (192) but 12 heads of dim 16 instead of 3."""
-    return VisionTransformer(embed_dim=192, depth=12, num_heads=12, **kwargs)
+# The one table of model sizes: each encoder's (width, depth, heads), and the MAE decoder that
+# pre-trains it. ViT-Tiny is the paper's: DeiT-Tiny's width (192) but 12 heads of dim 16 instead of 3,
+# with MAE-Lite's light decoder; ViT-Base has official MAE's decoder (the D-MAE teacher).
+SIZES = {
+    'vit_tiny': dict(embed_dim=192, depth=12, num_heads=12),
+    'vit_small': dict(embed_dim=384, depth=12, num_heads=12),
+    'vit_base': dict(embed_dim=768, depth=12, num_heads=12),
+}
+MAE_DECODERS = {
+    'vit_tiny': dict(decoder_embed_dim=96, decoder_depth=1, decoder_num_heads=3),
+    'vit_small': dict(decoder_embed_dim=192, decoder_depth=1, decoder_num_heads=6),
+    'vit_base': dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
+}
 
 
-def vit_small(**kwargs):
-    return VisionTransformer(embed_dim=384, depth=12, num_heads=12, **kwargs)
-
-
-def vit_base(**kwargs):
-    return VisionTransformer(embed_dim=768, depth=12, num_heads=12, **kwargs)
-
-
-MODELS = {'vit_tiny': vit_tiny, 'vit_small': vit_small, 'vit_base': vit_base}
+def vit(size, **kwargs):
+    """A VisionTransformer of a size in SIZES, e.g. vit('vit_tiny', img_size=32, patch_size=4)."""
+    return VisionTransformer(**SIZES[size], **kwargs)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -327,3 +334,50 @@ def load_pretrained(model, path, allow_new=('head.', 'fc_norm.')):
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     return LoadReport(loaded=[k for k in state if k in own], new=[k for k in own if k not in state],
                       ignored=[k for k in state if k not in own])
+
+
+def encoder_geometry(state, path):
+    """(size, patch size, native image size) of an encoder state dict, read from its weights: the
+    width names the size (SIZES), the patch projection's kernel the patch, pos_embed the grid."""
+    if not {'cls_token', 'patch_embed.proj.weight', 'pos_embed'} <= state.keys():
+        raise CheckpointError(f"{path} holds no ViT encoder (no cls_token / patch_embed / pos_embed)")
+    widths = {size['embed_dim']: name for name, size in SIZES.items()}
+    width, patch_size = state['cls_token'].shape[-1], state['patch_embed.proj.weight'].shape[-1]
+    if width not in widths:
+        raise CheckpointError(f"{path}: encoder width {width} is none of {sorted(widths)} "
+                              f"({', '.join(SIZES)})")
+    grid = math.isqrt(state['pos_embed'].shape[1] - 1)                # (1, 1 + grid**2, D)
+    return widths[width], patch_size, grid * patch_size
+
+
+def load_mae(path, img_size=None, norm_pix_loss=None):
+    """An MAE with its decoder from a pre-training checkpoint: ours, official MAE ({'model': sd}) or
+    MAE-Lite ('module.model.' keys). The size, patch size and native image size (img_size=None) are
+    read from the weights (encoder_geometry); norm_pix_loss from our saved args, else as given
+    (default on, as MAE-Lite trains). Both position tables are fixed sin-cos functions of the grid,
+    so they are rebuilt for the image size rather than loaded."""
+    from pretrain_mae import build_mae      # the MAE lives with its training script (no import cycle)
+    ckpt = read_checkpoint(path)
+    ckpt = ckpt if isinstance(ckpt, dict) else {}
+    state = {k.removeprefix('module.').removeprefix('model.'): v
+             for k, v in ckpt.get('model', ckpt).items() if isinstance(v, torch.Tensor)}
+    if 'decoder_pred.weight' not in state:
+        raise CheckpointError(f"{path} holds no MAE with its decoder: pass a pre-training checkpoint "
+                              f"that keeps it (ours, MAE-Lite's, or official MAE's visualisation ones)")
+    size, patch_size, native_img_size = encoder_geometry(state, path)
+    state.pop('pos_embed')
+    state.pop('decoder_pos_embed', None)
+    saved_args = ckpt['args'] if isinstance(ckpt.get('args'), dict) else {}
+    if norm_pix_loss is None:
+        norm_pix_loss = saved_args.get('norm_pix_loss', True)
+    model = build_mae(size, img_size=img_size or native_img_size, patch_size=patch_size,
+                      norm_pix_loss=norm_pix_loss)
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+             if k in own and v.shape != own[k].shape]
+    missing = [k for k in own if k not in state and k not in ('pos_embed', 'decoder_pos_embed')]
+    if wrong or missing:
+        raise CheckpointError(f"{path} does not fit {size}'s MAE: "
+                              f"{'; '.join(wrong[:3] + [f'missing {k}' for k in missing[:3]])}")
+    model.load_state_dict(state, strict=False)
+    return model

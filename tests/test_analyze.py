@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from analyze import (attention_distance, attention_entropy, build_encoder, layer_features,
                      main as analyze_main, minibatch_cka, patch_attention)
 from conftest import run_script
-from pretrain_mae import load_mae, mae_tiny
+from pretrain_mae import build_mae
+from vit import load_mae
 from vit import VisionTransformer
 
 
@@ -137,7 +138,7 @@ def patch_features(tokens):
 @pytest.fixture
 def mae_with_trained_norm(tmp_path):
     torch.manual_seed(0)
-    mae = mae_tiny(img_size=16, patch_size=4).eval()
+    mae = build_mae('vit_tiny', img_size=16, patch_size=4).eval()
     trained(mae.norm)
     torch.save({'model': mae.state_dict()}, tmp_path / 'mae.pth')
     return mae, str(tmp_path / 'mae.pth')
@@ -178,7 +179,7 @@ def test_a_finetuned_checkpoint_with_fc_norm_uses_its_own_fc_norm(tmp_path, last
 
 def test_load_mae_reads_a_mae_lite_checkpoint_with_its_decoder(tmp_path):
     torch.manual_seed(0)
-    mae = mae_tiny(img_size=16, patch_size=4)
+    mae = build_mae('vit_tiny', img_size=16, patch_size=4)
     lite_layout = {f'module.model.{k}': v for k, v in mae.state_dict().items()}     # keys as MAE-Lite saves
     torch.save({'model': lite_layout}, tmp_path / 'lite.pth')
     loaded = load_mae(tmp_path / 'lite.pth')
@@ -196,7 +197,7 @@ def mae_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp('mae') / 'checkpoint.pth'
     args = {'model': 'vit_tiny', 'img_size': 16, 'patch_size': 4, 'norm_pix_loss': True}
     torch.save({'stage': 'pretrain_mae', 'epoch': 0, 'args': args,
-                'model': mae_tiny(img_size=16, patch_size=4).state_dict()}, path)
+                'model': build_mae('vit_tiny', img_size=16, patch_size=4).state_dict()}, path)
     return path
 
 
@@ -254,7 +255,7 @@ def test_reconstruct_scores_every_image_on_masks_fixed_by_the_seed(mae_checkpoin
                 '--device', 'cpu', '--output-dir', tmp_path)
     scored = json.loads((tmp_path / 'reconstruction.json').read_text())
     assert scored['num_images'] == 40 and scored['mask_ratio'] == 0.75
-    model = analyze.load_mae(str(mae_checkpoint)).eval()
+    model = load_mae(str(mae_checkpoint)).eval()
     images = analyze.val_images(analyze.build_parser().parse_args(
         ['reconstruct', '--ckpt', str(mae_checkpoint), '--data', str(fashion_folder), '--num-images', '40']), 16)
     generator = torch.Generator().manual_seed(0)            # --seed 0: the same masks, batch by batch

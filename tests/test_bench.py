@@ -53,21 +53,6 @@ def test_one_run_prints_its_command_and_one_table(fashion_root):
     assert rows['mae', 'eager', 'fp32'][1] == f"{mae_step_flops(1, 16, 4) / 1e9:.2f}"   # GFLOP/img
 
 
-def test_one_process_times_the_model_rows_side_by_side():
-    result = run_script('bench.py', '--img-size', 16, '--patch-size', 4, '--batch-size', 8, '--stages',
-                        'timm_ref', 'mae', '--precisions', 'fp32', 'bf16', '--no-compile-modes', '--one-process',
-                        '--iters', 5, '--warmup', 1)
-    assert result.returncode == 0, result.stderr
-    rows = table_rows(result.stdout)
-    assert list(rows) == [('timm_ref', 'eager', 'fp32'), ('timm_ref', 'eager', 'bf16'), ('mae', 'eager', 'fp32'),
-                          ('mae', 'eager', 'bf16')]
-    assert all(float(cells[0]) > 0 and cells[-1] == '-' for cells in rows.values())   # img/s; no peak mem
-    assert rows['timm_ref', 'eager', 'fp32'][1] == f"{mae_step_flops(1, 16, 4) / 1e9:.2f}"
-
-    refused = run_script('bench.py', '--stages', 'mae', 'data', '--one-process')
-    assert refused.returncode != 0 and "drop 'data'" in refused.stderr.strip().splitlines()[-1]
-
-
 def test_rounds_keep_the_median_measurement_whole():
     rounds = [{'img_per_s': 30.0, 'peak_mem_mb': 1}, {'failed': 'killed'}, {'img_per_s': 10.0, 'peak_mem_mb': 2},
               {'img_per_s': 20.0, 'peak_mem_mb': 3}]

@@ -11,7 +11,7 @@ from conftest import run_script
 from pretrain_distill import (DistilledMAE, attention_distillation_loss, build_teacher,
                               hidden_distillation_loss, layer_pairs)
 from pretrain_mae import MAE
-from vit import CheckpointError, VisionTransformer, encoder_state_dict, load_pretrained, vit_tiny
+from vit import CheckpointError, VisionTransformer, encoder_state_dict, load_pretrained, vit
 
 
 def tiny_student():
@@ -200,9 +200,9 @@ def test_short_real_run_lowers_both_losses(dmae_run):
 
 def test_checkpoint_model_is_the_student_mae_and_loads_for_finetuning(dmae_run):
     ckpt = torch.load(dmae_run / 'checkpoint.pth', weights_only=True)
-    assert ckpt['model'].keys() == pretrain_mae.mae_tiny(img_size=16, patch_size=4).state_dict().keys()
+    assert ckpt['model'].keys() == pretrain_mae.build_mae('vit_tiny', img_size=16, patch_size=4).state_dict().keys()
     assert list(ckpt['adapter']) == ['attn.11_11.weight']               # kept apart
-    report = load_pretrained(vit_tiny(img_size=16, patch_size=4, num_classes=4, global_pool=True),
+    report = load_pretrained(vit('vit_tiny', img_size=16, patch_size=4, num_classes=4, global_pool=True),
                              dmae_run / 'checkpoint.pth')
     assert sorted(report.new) == ['fc_norm.bias', 'fc_norm.weight', 'head.bias', 'head.weight']
 

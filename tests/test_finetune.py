@@ -13,9 +13,9 @@ import finetune
 from conftest import ROOT, assert_one_line_error, read_log, run_script
 from finetune import build_batch_mixing, build_parser, layer_decay_groups, parse_rand_aug
 import pretrain_mae
-from pretrain_mae import mae_tiny
+from pretrain_mae import build_mae
 from training import RunError, parse_args, set_lr
-from vit import load_pretrained, vit_tiny
+from vit import load_pretrained, vit
 
 
 
@@ -39,7 +39,7 @@ def named_groups(model, groups):
 
 @pytest.fixture(scope='module')
 def model():
-    return vit_tiny(img_size=16, patch_size=8, num_classes=10, global_pool=True)
+    return vit('vit_tiny', img_size=16, patch_size=8, num_classes=10, global_pool=True)
 
 
 def test_layer_decay_scales_follow_the_formula_for_vit_tiny(model):
@@ -78,9 +78,9 @@ def test_no_weight_decay_on_1d_params_pos_embed_and_cls_token(model):
 
 # -- init ----------------------------------------------------------------------------------------
 def test_a_pretrained_mae_encoder_loads_with_only_the_head_and_fc_norm_new(tmp_path):
-    mae = mae_tiny(img_size=32, patch_size=4)
+    mae = build_mae('vit_tiny', img_size=32, patch_size=4)
     torch.save({'model': mae.state_dict(), 'epoch': 3}, tmp_path / 'mae.pth')
-    model = vit_tiny(img_size=32, patch_size=4, num_classes=4, global_pool=True)
+    model = vit('vit_tiny', img_size=32, patch_size=4, num_classes=4, global_pool=True)
     report = load_pretrained(model, tmp_path / 'mae.pth')
     assert sorted(report.new) == ['fc_norm.bias', 'fc_norm.weight', 'head.bias', 'head.weight']
     assert sorted(report.ignored) == ['norm.bias', 'norm.weight']   # the global-pool head uses fc_norm
@@ -163,7 +163,7 @@ def finetuned(fashion_folder, tmp_path_factory):
     """A short real fine-tune on the 4-class folder, from an (untrained) MAE saved at 32 px, so its
     pos-embed is resized to the 16 px grid."""
     tmp = tmp_path_factory.mktemp('finetune')
-    torch.save({'model': mae_tiny(img_size=32, patch_size=8).state_dict()}, tmp / 'mae.pth')
+    torch.save({'model': build_mae('vit_tiny', img_size=32, patch_size=8).state_dict()}, tmp / 'mae.pth')
     out = tmp / 'run'
     result = run_script('finetune.py', '--data', fashion_folder, *TINY, '--epochs', '4',
                         '--warmup-epochs', '1', '--blr', '4e-3', '--rand-aug', 'none', '--mixup', '0',
@@ -224,8 +224,8 @@ def test_ddp_eval_sums_the_counts_of_both_processes(finetuned, fashion_folder, t
 
 
 def test_eval_only_refuses_an_encoder_without_its_head(fashion_folder, tmp_path):
-    torch.save({'model': mae_tiny(img_size=16, patch_size=8).state_dict()}, tmp_path / 'mae.pth')
-    with pytest.raises(RunError, match='--eval-only needs a fine-tuned checkpoint'):
+    torch.save({'model': build_mae('vit_tiny', img_size=16, patch_size=8).state_dict()}, tmp_path / 'mae.pth')
+    with pytest.raises(RunError, match='--eval-only needs a checkpoint of this stage with its head'):
         finetune.main(['--eval-only', '--data', str(fashion_folder), *TINY,
                        '--init', str(tmp_path / 'mae.pth'), '--output-dir', str(tmp_path)])
 

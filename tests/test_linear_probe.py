@@ -96,17 +96,18 @@ def test_only_the_head_is_trained_and_the_checkpoint_holds_encoder_and_head(cach
 # -- what the probe measures ---------------------------------------------------------------------
 def test_a_pretrained_encoder_probes_better_than_a_random_one(cached_runs):
     random, mae = cached_runs['random'][1][-1], cached_runs['mae'][1][-1]
-    assert random['top1'] > 40, random                          # 4 classes: chance is 25
-    assert mae['top1'] >= random['top1'] + 5, (mae, random)
+    assert random['val_top1'] > 40, random                          # 4 classes: chance is 25
+    assert mae['val_top1'] >= random['val_top1'] + 5, (mae, random)
     assert mae['val_loss'] < random['val_loss'], (mae, random)
 
 
 def test_the_checkpoint_evaluates_alone_through_the_images(cached_runs, capsys):
     folder, log = cached_runs['mae']
-    linear_probe.main(['--eval-only', '--resume', str(folder / 'checkpoint.pth')])
-    printed = capsys.readouterr().out          # "...: top-1 85.00, top-5 100.00, loss 0.5123 on 80 ..."
-    top1, loss = re.search(r"top-1 ([\d.]+), top-5 [\d.]+, loss ([\d.]+)", printed).groups()
-    assert float(top1) == pytest.approx(log[-1]['top1'], abs=0.01)
+    linear_probe.main(['--eval-only', '--init', str(folder / 'checkpoint.pth'),
+                       '--config', str(folder / 'config.yaml')])
+    printed = capsys.readouterr().out          # "...: top-1 85.00% top-5 100.00% loss 0.5123 on 80 ..."
+    top1, loss = re.search(r"top-1 ([\d.]+)% top-5 [\d.]+% loss ([\d.]+)", printed).groups()
+    assert float(top1) == pytest.approx(log[-1]['val_top1'], abs=0.01)
     assert float(loss) == pytest.approx(log[-1]['val_loss'], abs=1e-3)
 
 
@@ -166,7 +167,7 @@ def test_without_augmentation_the_full_protocol_trains_the_cached_head(fashion_f
     full = probe(tmp_path / 'full', *args, '--no-cached-features')
     cached = probe(tmp_path / 'cached', *args, '--cached-features')
     for a, b in zip(full, cached):
-        assert a['top1'] == b['top1'] and a['train_top1'] == b['train_top1']
+        assert a['val_top1'] == b['val_top1'] and a['train_top1'] == b['train_top1']
         assert a['loss'] == pytest.approx(b['loss'], rel=1e-4)
         assert a['val_loss'] == pytest.approx(b['val_loss'], rel=1e-4)
 
@@ -175,14 +176,14 @@ def test_with_augmentation_the_full_protocol_lands_near_the_cached_probe(full_ru
     """The augmented protocol fits less in 20 epochs at 16 px (crops down to 8% of a 16 px image),
     so it trails the cache by some points here; it must still learn the same task."""
     full, cached = full_run['full'][1][-1], full_run['cached'][1][-1]
-    assert full['top1'] > 55, full
-    assert cached['top1'] - 20 <= full['top1'] <= cached['top1'] + 10, (full, cached)
+    assert full['val_top1'] > 55, full
+    assert cached['val_top1'] - 20 <= full['val_top1'] <= cached['val_top1'] + 10, (full, cached)
 
 
 def test_avg_feature_uses_a_fresh_fc_norm_on_a_pretraining_checkpoint(fashion_folder, mae_checkpoint,
                                                                       tmp_path):
     log = probe(tmp_path, '--data', fashion_folder, *CACHED, '--feature', 'avg', '--init', mae_checkpoint)
-    assert log[-1]['top1'] > 50
+    assert log[-1]['val_top1'] > 50
     model = torch.load(tmp_path / 'checkpoint.pth', weights_only=True)['model']
     assert 'norm.weight' not in model
     assert torch.equal(model['fc_norm.weight'], torch.ones(192))
@@ -197,7 +198,7 @@ def test_a_checkpoint_of_another_model_size_is_one_line(fashion_folder, mae_chec
 
 
 @pytest.mark.parametrize('args, error, message', [
-    (['--eval-only'], RunError, '--eval-only evaluates a probe checkpoint'),
+    (['--eval-only'], RunError, '--eval-only evaluates the probe given by --init'),
     (['--cached-features', '--batch-size', '512'], data.DataError, 'fewer than one batch'),
 ])
 def test_bad_flags_are_reported(fashion_folder, tmp_path, args, error, message):
@@ -227,5 +228,5 @@ def test_default_flags_learn_on_a_small_folder_where_the_batch_scaled_lr_does_no
     default = probe(tmp_path / 'default', *common)
     assert 'lr 6.4: the protocol' in capsys.readouterr().out
     scaled = probe(tmp_path / 'scaled', *common, '--blr', '0.1')
-    assert default[-1]['top1'] >= 55.0, default[-1]                  # chance: 25% (4 classes)
+    assert default[-1]['val_top1'] >= 55.0, default[-1]                  # chance: 25% (4 classes)
     assert default[-1]['train_top1'] >= scaled[-1]['train_top1'] + 20, (default[-1], scaled[-1])

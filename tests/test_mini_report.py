@@ -20,7 +20,7 @@ def write_finetune(run, name, top1, train_top1=99.0, labels=250):
 def write_probe(run, name, top1, knn=None):
     folder = run / name
     folder.mkdir(parents=True)
-    record = {'epoch': 9, 'top1': top1, **({'knn_top1': knn} if knn is not None else {})}
+    record = {'epoch': 9, 'val_top1': top1, **({'knn_top1': knn} if knn is not None else {})}
     (folder / 'log.jsonl').write_text(json.dumps(record) + '\n')
 
 

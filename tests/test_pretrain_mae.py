@@ -8,12 +8,12 @@ import time
 import torch
 
 from conftest import ROOT, assert_one_line_error, read_log, run_script
-from pretrain_mae import mae_tiny
+from pretrain_mae import build_mae
 from training import weight_decay_groups
 
 
 def small_mae(**kwargs):
-    return mae_tiny(img_size=16, patch_size=4, **kwargs)            # 16 patches of 4 x 4 x 3
+    return build_mae('vit_tiny', img_size=16, patch_size=4, **kwargs)            # 16 patches of 4 x 4 x 3
 
 
 
@@ -72,7 +72,7 @@ def test_loss_counts_masked_patches_only():
 
 
 def test_norm_pix_loss_normalises_each_patch_with_unbiased_variance():
-    model = mae_tiny(img_size=4, patch_size=2, norm_pix_loss=True)   # 4 patches of 12 values
+    model = build_mae('vit_tiny', img_size=4, patch_size=2, norm_pix_loss=True)   # 4 patches of 12 values
     imgs = torch.zeros(1, 3, 4, 4)
     imgs[0, 0, 0, 0] = 12.0                        # patch 0: one 12 among 12 values: mean 1
     var = (11 ** 2 + 11 * 1) / 11                  # unbiased: (121 + 11 * 1) / (12 - 1) = 12
@@ -95,7 +95,7 @@ def test_pos_embeds_are_fixed_and_tokens_are_decayed():
 
 
 def test_official_initialisation():
-    model = mae_tiny(img_size=32, patch_size=16)
+    model = build_mae('vit_tiny', img_size=32, patch_size=16)
     w = model.blocks[0].attn.qkv.weight                              # xavier-uniform bound sqrt(6/(fan_in+fan_out))
     assert w.abs().max() <= (6 / (192 + 576)) ** 0.5 and w.abs().max() > 0.9 * (6 / (192 + 576)) ** 0.5
     assert 0.015 < model.cls_token.std() < 0.025 and model.blocks[0].attn.qkv.bias.abs().sum() == 0
@@ -211,7 +211,7 @@ def test_junk_and_wrong_checkpoints(tmp_path):
     base = ['--data', 'synthetic', '--img-size', '16', '--patch-size', '4', '--output-dir', tmp_path]
     assert_one_line_error(run_script('pretrain_mae.py', *base, '--resume', junk), 'not a readable')
     assert_one_line_error(run_script('pretrain_mae.py', *base, '--init', junk), 'not a readable')
-    torch.save({'model': mae_tiny(img_size=16, patch_size=8).state_dict()}, tmp_path / 'p8.pth')
+    torch.save({'model': build_mae('vit_tiny', img_size=16, patch_size=8).state_dict()}, tmp_path / 'p8.pth')
     assert_one_line_error(run_script('pretrain_mae.py', *base, '--init', tmp_path / 'p8.pth'),
                           'does not fit', 'patch_embed.proj.weight')
     assert_one_line_error(run_script('pretrain_mae.py', *base, '--resume', tmp_path / 'p8.pth'),

@@ -5,8 +5,7 @@ import pytest
 import timm
 import torch
 
-import vit
-from vit import CheckpointError, load_pretrained, sincos_pos_embed, vit_small, vit_tiny
+from vit import CheckpointError, load_pretrained, read_checkpoint, sincos_pos_embed, vit
 
 
 def timm_vit(global_pool, img_size=224, patch_size=16, num_classes=1000):
@@ -16,13 +15,13 @@ def timm_vit(global_pool, img_size=224, patch_size=16, num_classes=1000):
 
 
 def test_vit_tiny_has_timms_parameter_count():
-    assert sum(p.numel() for p in vit_tiny(num_classes=1000).parameters()) == 5_717_416
+    assert sum(p.numel() for p in vit('vit_tiny', num_classes=1000).parameters()) == 5_717_416
 
 
 @pytest.mark.parametrize('global_pool', [False, True])
 def test_timm_weights_load_strictly_and_give_the_same_outputs(global_pool):
     reference = timm_vit(global_pool, img_size=64).eval()
-    ours = vit_tiny(img_size=64, num_classes=1000, global_pool=global_pool).eval()
+    ours = vit('vit_tiny', img_size=64, num_classes=1000, global_pool=global_pool).eval()
     assert sorted(ours.state_dict()) == sorted(reference.state_dict())
     ours.load_state_dict(reference.state_dict(), strict=True)
     imgs = torch.randn(2, 3, 64, 64)
@@ -30,12 +29,12 @@ def test_timm_weights_load_strictly_and_give_the_same_outputs(global_pool):
 
 
 def test_global_pool_model_has_fc_norm_and_no_final_norm():
-    keys = vit_tiny(global_pool=True).state_dict()
+    keys = vit('vit_tiny', global_pool=True).state_dict()
     assert 'fc_norm.weight' in keys and 'norm.weight' not in keys
 
 
 def test_asking_for_attention_logits_changes_nothing_else():
-    model = vit_tiny(img_size=32, patch_size=8, num_classes=0).eval()
+    model = vit('vit_tiny', img_size=32, patch_size=8, num_classes=0).eval()
     imgs = torch.randn(2, 3, 32, 32)
     plain = model.encode(imgs)
     with_logits = model.encode(imgs, attn_layers=(0, 11))
@@ -45,7 +44,7 @@ def test_asking_for_attention_logits_changes_nothing_else():
 
 
 def test_attention_logits_are_scaled_query_key_products():
-    model = vit_tiny(img_size=32, patch_size=8, num_classes=0).eval()
+    model = vit('vit_tiny', img_size=32, patch_size=8, num_classes=0).eval()
     imgs = torch.randn(1, 3, 32, 32)
     first = model.blocks[0]
     x = first.norm1(model.embed(imgs))                              # (1, 17, 192)
@@ -58,7 +57,7 @@ def test_encoding_visible_patches_is_encoding_those_patches_alone():
     """The encoder on a permuted set of patches equals the encoder on all of them, permuted:
     self-attention is permutation-equivariant, and a visible patch gets the token the conv gives it
     (projected on its own as a Linear) plus its own position's embedding."""
-    model = vit_tiny(img_size=32, patch_size=8, num_classes=0).eval()
+    model = vit('vit_tiny', img_size=32, patch_size=8, num_classes=0).eval()
     imgs = torch.randn(2, 3, 32, 32)
     full = model.encode(imgs).tokens                                # (2, 17, 192)
     order = torch.stack([torch.randperm(16) for _ in range(2)])     # (2, 16)
@@ -70,7 +69,7 @@ def test_encoding_visible_patches_is_encoding_those_patches_alone():
 
 
 def test_layer_features_are_block_inputs_after_norm1_and_the_final_output():
-    model = vit_tiny(img_size=32, patch_size=8, num_classes=0).eval()
+    model = vit('vit_tiny', img_size=32, patch_size=8, num_classes=0).eval()
     imgs = torch.randn(2, 3, 32, 32)
     out = model.encode(imgs, return_layers=True)
     assert len(out.layers) == 13
@@ -90,14 +89,14 @@ def test_sincos_pos_embed_encodes_column_then_row():
 
 def test_patch_size_must_divide_image_size():
     with pytest.raises(ValueError, match='not divisible'):
-        vit_tiny(img_size=30, patch_size=4)
+        vit('vit_tiny', img_size=30, patch_size=4)
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
 @pytest.fixture
 def trained_like():
     torch.manual_seed(0)
-    return vit_tiny(img_size=32, patch_size=8, num_classes=0)
+    return vit('vit_tiny', img_size=32, patch_size=8, num_classes=0)
 
 
 @pytest.mark.parametrize('layout', ['plain', 'official_mae', 'mae_lite', 'ddp', 'moco'])
@@ -113,7 +112,7 @@ def test_every_known_checkpoint_layout_loads(layout, trained_like, tmp_path):
                                 **{f'module.momentum_encoder.{k}': v for k, v in sd.items()}}},
     }[layout]
     torch.save(saved, tmp_path / 'ckpt.pth')
-    fresh = vit_tiny(img_size=32, patch_size=8, num_classes=10, global_pool=True)
+    fresh = vit('vit_tiny', img_size=32, patch_size=8, num_classes=10, global_pool=True)
     report = load_pretrained(fresh, tmp_path / 'ckpt.pth')
     assert sorted(report.new) == ['fc_norm.bias', 'fc_norm.weight', 'head.bias', 'head.weight']
     torch.testing.assert_close(fresh.blocks[5].attn.qkv.weight, trained_like.blocks[5].attn.qkv.weight)
@@ -122,7 +121,7 @@ def test_every_known_checkpoint_layout_loads(layout, trained_like, tmp_path):
 
 def test_pos_embed_is_resized_when_the_grid_differs(trained_like, tmp_path):
     torch.save({'model': trained_like.state_dict()}, tmp_path / 'ckpt.pth')
-    bigger = vit_tiny(img_size=64, patch_size=8, num_classes=0)     # grid 4 -> 8
+    bigger = vit('vit_tiny', img_size=64, patch_size=8, num_classes=0)     # grid 4 -> 8
     load_pretrained(bigger, tmp_path / 'ckpt.pth')
     assert bigger.pos_embed.shape == (1, 65, 192)
     torch.testing.assert_close(bigger.pos_embed[:, 0], trained_like.pos_embed[:, 0])
@@ -131,10 +130,10 @@ def test_pos_embed_is_resized_when_the_grid_differs(trained_like, tmp_path):
 
 
 def test_a_checkpoint_of_another_model_size_is_refused_with_the_mismatches(tmp_path):
-    torch.save({'model': vit_small(img_size=32, patch_size=8, num_classes=0).state_dict()},
+    torch.save({'model': vit('vit_small', img_size=32, patch_size=8, num_classes=0).state_dict()},
                tmp_path / 'small.pth')
     with pytest.raises(CheckpointError, match=r'cls_token \(1, 1, 384\) vs model \(1, 1, 192\).*150 wrong shapes'):
-        load_pretrained(vit_tiny(img_size=32, patch_size=8, num_classes=0), tmp_path / 'small.pth')
+        load_pretrained(vit('vit_tiny', img_size=32, patch_size=8, num_classes=0), tmp_path / 'small.pth')
 
 
 def test_junk_and_missing_files_are_refused_in_one_line(tmp_path):
@@ -143,7 +142,7 @@ def test_junk_and_missing_files_are_refused_in_one_line(tmp_path):
     for path, message in ((junk, 'not a readable PyTorch checkpoint'),
                           (tmp_path / 'absent.pth', 'checkpoint not found')):
         with pytest.raises(CheckpointError, match=message) as error:
-            vit.read_checkpoint(path)
+            read_checkpoint(path)
         assert '\n' not in str(error.value)
 
 
@@ -154,4 +153,4 @@ class Payload:
 def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
     torch.save({'model': Payload()}, tmp_path / 'evil.pth')
     with pytest.raises(CheckpointError, match='not a readable PyTorch checkpoint'):
-        vit.read_checkpoint(tmp_path / 'evil.pth')
+        read_checkpoint(tmp_path / 'evil.pth')
