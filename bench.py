@@ -1,6 +1,6 @@
 """Speed of one training step of each stage on this device, and of the data path.
 
-For each stage (MAE, D-MAE, fine-tune, linear probe) and each of eager / torch.compile x fp32 / bf16
+For each stage (MAE, D-MAE, MoCo v3, fine-tune, linear probe) and each of eager / torch.compile x fp32 / bf16
 autocast: images per second, peak memory, the achieved GFLOP/s (FLOPs of forward + backward counted
 with torch.utils.flop_counter, attention included) and its share of the device's peak (on CPU a
 2048 x 2048 matmul measured in the row's precision; on CUDA the datasheet dense bf16 peak, i.e. MFU).
@@ -33,7 +33,7 @@ from vit import SIZES
 # dense bf16 tensor-core peaks from the datasheets, TFLOP/s; matched against the device name
 CUDA_BF16_PEAK_TFLOPS = {'H100': 989, 'A100': 312, 'L40S': 362, 'L4': 121, 'A10': 125,
                          'RTX 4090': 165, 'RTX 3090': 71, 'V100': 125, 'T4': 65}
-STAGES = ('timm_ref', 'mae', 'dmae', 'finetune', 'probe', 'data')
+STAGES = ('timm_ref', 'mae', 'dmae', 'moco', 'finetune', 'probe', 'data')
 CHUNKS = 5      # timed chunks per row; the median chunk counts
 
 
@@ -66,6 +66,7 @@ def build_step(stage, args, device):
     from linear_probe import LARS, probe_head, probe_losses
     from pretrain_distill import DistilledMAE, dmae_losses
     from pretrain_mae import build_mae, mae_losses
+    from pretrain_moco import MoCo, moco_losses, moco_optimizer, moco_vit
     from training import adamw, weight_decay_groups
     from vit import vit
 
@@ -83,6 +84,11 @@ def build_step(stage, args, device):
         model = DistilledMAE(student, teacher, attn_pairs=[(student.depth - 1, teacher.depth - 1)]).to(device)
         optimizer = adamw(weight_decay_groups(model, 0.05), 1e-4, (0.9, 0.95), device)
         loss_of = functools.partial(dmae_losses, mask_ratio=0.75)
+    elif stage == 'moco':     # two views of each image: the batch is (B, 2, 3, H, W)
+        model = MoCo(moco_vit(args.model, args.img_size, args.patch_size)).to(device)
+        optimizer = moco_optimizer(model, 1e-4, 0.1, device)
+        loss_of = functools.partial(moco_losses, base_momentum=0.99, epochs=1, accum_iter=1)
+        imgs = torch.randn(args.batch_size, 2, 3, args.img_size, args.img_size, device=device)
     elif stage == 'finetune':
         model = vit(args.model, num_classes=1000, global_pool=True, **size).to(device)
         optimizer = adamw(layer_decay_groups(model, 0.05, 0.85), 1e-4, (0.9, 0.999), device)

@@ -507,3 +507,46 @@ class DeviceLoader(TensorBatches):
             if self.erasing:
                 imgs = torch.stack([self.erasing(img) for img in imgs])
             yield imgs, self.labels[idx]
+
+
+# --------------------------------------------------------------------------------------------------
+# MoCo v3's two views (pretrain_moco.py): BYOL's asymmetric augmentation, drawn image by image
+# --------------------------------------------------------------------------------------------------
+def byol_view(img_size, stats, blur_p, solarize_p, min_scale=0.08):
+    """One of BYOL's two augmentations (Grill et al. 2020) as MoCo v3 applies it, PIL image -> float
+    tensor (3, img_size, img_size), in this order: RandomResizedCrop (area share ~ U(min_scale, 1),
+    bilinear, as MoCo v3), colour jitter (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1) with
+    p 0.8, grayscale with p 0.2, Gaussian blur with p `blur_p`, solarize (values >= 128 inverted) with
+    p `solarize_p`, horizontal flip, normalisation with `stats`. The blur's sigma ~ U(0.1, 2.0) px
+    with a 23 px kernel at 224 px, both scaled with the image size, so it blurs the same share of
+    any image."""
+    scale = img_size / 224
+    return v2.Compose([
+        v2.RGB(),
+        v2.RandomResizedCrop(img_size, scale=(min_scale, 1.0), antialias=True),
+        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+        v2.RandomGrayscale(p=0.2),
+        v2.RandomApply([v2.GaussianBlur(2 * round(11 * scale) + 1, sigma=(0.1 * scale, 2.0 * scale))],
+                       p=blur_p),
+        v2.RandomSolarize(threshold=128, p=solarize_p),
+        v2.RandomHorizontalFlip(),
+        *_to_normalized_tensor(stats),
+    ])
+
+
+class TwoViews:
+    """Two augmentations of one image: PIL image -> (2, 3, H, W); the default collate makes a batch
+    of them (B, 2, 3, H, W)."""
+
+    def __init__(self, first, second):
+        self.first, self.second = first, second
+
+    def __call__(self, img):
+        return torch.stack([self.first(img), self.second(img)])
+
+
+def moco_views(img_size, stats=(IMAGENET_MEAN, IMAGENET_STD), min_scale=0.08):
+    """MoCo v3's asymmetric pair: the first view always blurred and never solarised, the second
+    blurred with p 0.1 and solarised with p 0.2 (BYOL's recipe)."""
+    return TwoViews(byol_view(img_size, stats, blur_p=1.0, solarize_p=0.0, min_scale=min_scale),
+                    byol_view(img_size, stats, blur_p=0.1, solarize_p=0.2, min_scale=min_scale))

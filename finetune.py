@@ -29,7 +29,7 @@ from torchvision.transforms import v2
 from data import (Augmentation, DeviceLoader, build_dataset, build_loader, decode_to_tensor,
                   eval_transform, normalization, per_image_transform, rand_augment)
 from training import (Run, RunError, add_common_args, adamw, append_log, evaluate, evaluate_checkpoint,
-                      load_resume_checkpoint, parse_args, prepare_output, run_main, save_checkpoint,
+                      parse_args, prepare_output, resume_checkpoint, run_main, save_checkpoint,
                       seed_everything, train_one_epoch)
 from vit import load_pretrained, vit
 
@@ -234,12 +234,8 @@ def main(argv=None):
         optimizer = adamw(groups, lr, (0.9, 0.999), run.device)
     else:   # the transfer recipe
         optimizer = torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
-    start_epoch, best_top1 = 0, 0.0
-    if args.resume:
-        ckpt = load_resume_checkpoint(args.resume, STAGE)
-        model.load_state_dict(ckpt['model'])
-        optimizer.load_state_dict(ckpt['optimizer'])
-        start_epoch, best_top1 = ckpt['epoch'] + 1, ckpt['best_top1']
+    start_epoch, ckpt = resume_checkpoint(args.resume, STAGE, optimizer, model=model)
+    best_top1 = ckpt['best_top1'] if ckpt else 0.0
     train_model = run.wrap(model, args.compile, args.compile_mode)
     run.announce(model, lr, effective_batch, f" | {num_train} train / {num_val} val images, "
                                              f"{num_classes} classes, {len(loader)} steps/epoch")
@@ -248,8 +244,6 @@ def main(argv=None):
     # the loop --------------------------------------------------------------------------------------
     losses_of = functools.partial(classification_losses, batch_mixing=batch_mixing, smoothing=args.smoothing)
     for epoch in range(start_epoch, args.epochs):
-        seed_everything(args.seed, epoch, run.rank)
-        loader.sampler.set_epoch(epoch)
         record = {'epoch': epoch, **train_one_epoch(train_model, loader, optimizer, lr, epoch, run, args,
                                                     losses_of, clip_grad=args.clip_grad)}
         last, is_best = epoch + 1 == args.epochs, False

@@ -45,7 +45,7 @@ from tqdm import tqdm
 from data import (Augmentation, TensorBatches, build_dataset, build_loader, eval_transform, normalization,
                   per_image_transform)
 from training import (Run, RunError, add_common_args, append_log, evaluate, evaluate_checkpoint,
-                      load_resume_checkpoint, parse_args, prepare_output, run_main, save_checkpoint,
+                      parse_args, prepare_output, resume_checkpoint, run_main, save_checkpoint,
                       seed_everything, train_one_epoch)
 from vit import load_pretrained, read_checkpoint, vit
 
@@ -271,12 +271,7 @@ def main(argv=None):
     else:
         lr = args.lr if args.lr is not None else args.blr * effective_batch / 256   # the linear scaling rule
     optimizer = LARS(model.head.parameters(), lr=lr, weight_decay=args.weight_decay)
-    start_epoch = 0
-    if args.resume:
-        ckpt = load_resume_checkpoint(args.resume, STAGE)
-        model.load_state_dict(ckpt['model'])
-        optimizer.load_state_dict(ckpt['optimizer'])
-        start_epoch = ckpt['epoch'] + 1
+    start_epoch, _ = resume_checkpoint(args.resume, STAGE, optimizer, model=model)
 
     if args.cached_features:
         # the encoder never runs again: the head alone is the classifier of cached features, fed in
@@ -304,8 +299,6 @@ def main(argv=None):
     # cached epochs take less time than writing the encoder to disk: save ten times a run
     save_every = max(1, args.epochs // 10) if args.cached_features else 1
     for epoch in range(start_epoch, args.epochs):
-        seed_everything(args.seed, epoch, run.rank)
-        loader.sampler.set_epoch(epoch)
         stats = train_one_epoch(classifier, loader, optimizer, lr, epoch, run, args, probe_losses)
         stats.update({f'val_{name}': value for name, value in
                       evaluate(classifier, val_loader, run, args.amp).items()})

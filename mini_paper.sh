@@ -2,10 +2,11 @@
 # The paper in miniature: its four claims tested on Fashion-MNIST on a laptop CPU, with seeds and error
 # bars, then RUN_DIR/REPORT.md and RUN_DIR/report.json (mini_report.py). About 30 minutes on 2 cores.
 #
-#   bash mini_paper.sh [RUN_DIR] [--full | --smoke]
+#   bash mini_paper.sh [RUN_DIR] [--full | --smoke] [--moco]
 #
-#   --full   on a GPU: longer schedules and more labels (same stages, same order)
+#   --full   on a GPU: longer schedules and more labels (same stages, same order), MoCo v3 included
 #   --smoke  seconds per stage, to check the pipeline end to end (the tests use it); numbers mean nothing
+#   --moco   add the MoCo v3 stages (claim 2b) to the default run: about 8 minutes more on 2 cores
 #
 # The regime. Pre-training sees the images of 5 classes only (SOURCE: T-shirt, trouser, coat, sandal,
 # bag), without labels; the downstream task is the other 5 (TARGET: pullover, dress, shirt, sneaker,
@@ -15,6 +16,7 @@
 # checked to fit their own training images.
 #   claim 1  fine-tune on SOURCE labels: from MAE vs from scratch
 #   claim 2  fine-tune on TARGET labels: from supervised pre-training (SOURCE labels) vs from MAE
+#   claim 2b fine-tune on TARGET labels: from MoCo v3 (contrastive, no labels) vs from MAE (with --moco)
 #   claim 3  layer CKA between MAE and the supervised reference: lower layers vs higher layers
 #   claim 4  fine-tune on SOURCE labels: from D-MAE (teacher: a ViT-Small MAE trained longer) vs from MAE
 #
@@ -23,11 +25,13 @@ set -euo pipefail
 cd "$(dirname "$0")"
 RUN=runs/mini_paper
 SIZE=quick
+MOCO=no
 for arg in "$@"; do
   case $arg in
-    --full) SIZE=full ;;
+    --full) SIZE=full; MOCO=yes ;;
     --smoke) SIZE=smoke ;;
-    -*) echo "usage: bash mini_paper.sh [RUN_DIR] [--full | --smoke]" >&2; exit 2 ;;
+    --moco) MOCO=yes ;;
+    -*) echo "usage: bash mini_paper.sh [RUN_DIR] [--full | --smoke] [--moco]" >&2; exit 2 ;;
     *) RUN=$arg ;;
   esac
 done
@@ -36,15 +40,17 @@ EXTRA=${MINI_PAPER_ARGS:-}     # e.g. MINI_PAPER_ARGS="--data-root /data" for ev
 SOURCE=0,1,4,5,8
 TARGET=2,3,6,7,9
 
-# schedules on top of the quick configs: MAE, teacher, D-MAE, supervised reference, fine-tunes, probes
+# schedules on top of the quick configs: MAE, teacher, D-MAE, supervised reference, MoCo v3, fine-tunes,
+# probes
 case $SIZE in
-  quick) MAE=""; TEACHER=""; DMAE=""; SUP=""; FT=""; PROBE=""; AN=""; SEEDS="0 1 2" ;;
+  quick) MAE=""; TEACHER=""; DMAE=""; SUP=""; MOCO_RUN=""; FT=""; PROBE=""; AN=""; SEEDS="0 1 2" ;;
   full)  MAE="--epochs 100 --warmup-epochs 10"; TEACHER="--epochs 200 --warmup-epochs 20"
          DMAE="--epochs 100 --warmup-epochs 10"; SUP="--subset 0 --epochs 30"
+         MOCO_RUN="--subset 0 --epochs 100 --warmup-epochs 10 --batch-size 256"
          FT="--subset 1000 --epochs 100"; PROBE="--subset 0"; AN="--num-images 2000"; SEEDS="0 1 2 3 4" ;;
   smoke) S="--img-size 14 --subset 64 --epochs 1 --warmup-epochs 0 --batch-size 32"
-         MAE=$S; TEACHER=$S; DMAE=$S; SUP=$S; FT="$S --val-subset 64"; PROBE="$S --val-subset 64"
-         AN="--num-images 64 --batch-size 32"; SEEDS="0 1" ;;
+         MAE=$S; TEACHER=$S; DMAE=$S; SUP=$S; MOCO_RUN="$S --mlp-dim 256 --out-dim 64"
+         FT="$S --val-subset 64"; PROBE="$S --val-subset 64"; AN="--num-images 64 --batch-size 32"; SEEDS="0" ;;
 esac
 mkdir -p "$RUN"
 stage() {   # stage NAME command...: run one stage, record its wall time in RUN/times.jsonl
@@ -64,6 +70,9 @@ stage mae_tiny $PY pretrain_mae.py --config configs/mae_tiny_fashion_mnist_quick
 stage mae_teacher $PY pretrain_mae.py --config configs/mae_small_teacher_fashion_mnist_quick.yaml --classes $SOURCE $TEACHER $EXTRA --output-dir $RUN/mae_teacher
 stage dmae_tiny $PY pretrain_distill.py --config configs/dmae_tiny_fashion_mnist_quick.yaml --classes $SOURCE --teacher $RUN/mae_teacher/checkpoint.pth $DMAE $EXTRA --output-dir $RUN/dmae_tiny
 stage supervised $PY finetune.py --config configs/supervised_fashion_mnist_quick.yaml --classes $SOURCE $SUP $EXTRA --output-dir $RUN/supervised
+if [ $MOCO = yes ]; then   # the contrastive baseline, without labels (quick: 4,096 images, its cost is ~10x MAE's per image)
+  stage moco_tiny $PY pretrain_moco.py --config configs/moco_tiny_fashion_mnist_quick.yaml --classes $SOURCE $MOCO_RUN $EXTRA --output-dir $RUN/moco_tiny
+fi
 
 # 2. is the teacher better than its student? held-out reconstruction loss (same masks) and linear probe
 stage recon_mae_tiny $PY analyze.py reconstruct --ckpt $RUN/mae_tiny/checkpoint.pth --num-images 2000 $EXTRA --output-dir $RUN/recon_mae_tiny
@@ -76,6 +85,10 @@ stage probe_supervised_src $PROBE_CMD --classes $SOURCE --init $RUN/supervised/c
 # claim 2's readouts of frozen features (linear probe, kNN) on the unseen classes
 stage probe_mae_dst $PROBE_CMD --classes $TARGET --init $RUN/mae_tiny/checkpoint.pth $PROBE $EXTRA --output-dir $RUN/probe_mae_dst
 stage probe_supervised_dst $PROBE_CMD --classes $TARGET --init $RUN/supervised/checkpoint.pth $PROBE $EXTRA --output-dir $RUN/probe_supervised_dst
+if [ $MOCO = yes ]; then
+  stage probe_moco_src $PROBE_CMD --classes $SOURCE --init $RUN/moco_tiny/checkpoint.pth $PROBE $EXTRA --output-dir $RUN/probe_moco_src
+  stage probe_moco_dst $PROBE_CMD --classes $TARGET --init $RUN/moco_tiny/checkpoint.pth $PROBE $EXTRA --output-dir $RUN/probe_moco_dst
+fi
 
 # 3. fine-tunes on a few labels, every seed: the SOURCE task (claims 1 and 4), the TARGET task (claim 2)
 for seed in $SEEDS; do
@@ -84,6 +97,9 @@ for seed in $SEEDS; do
   stage ft_dmae_s$seed $FINETUNE --classes $SOURCE --init $RUN/dmae_tiny/checkpoint.pth --seed $seed $FT $EXTRA --output-dir $RUN/ft_dmae_s$seed
   stage transfer_mae_s$seed $FINETUNE --classes $TARGET --layer-decay 0.75 --init $RUN/mae_tiny/checkpoint.pth --seed $seed $FT $EXTRA --output-dir $RUN/transfer_mae_s$seed
   stage transfer_supervised_s$seed $FINETUNE --classes $TARGET --layer-decay 0.75 --init $RUN/supervised/checkpoint.pth --seed $seed $FT $EXTRA --output-dir $RUN/transfer_supervised_s$seed
+  if [ $MOCO = yes ]; then
+    stage transfer_moco_s$seed $FINETUNE --classes $TARGET --layer-decay 0.75 --init $RUN/moco_tiny/checkpoint.pth --seed $seed $FT $EXTRA --output-dir $RUN/transfer_moco_s$seed
+  fi
 done
 
 # 4. analysis: layer CKA of MAE against the supervised reference (claim 3), attention distance/entropy

@@ -2,8 +2,9 @@
 
     python mini_report.py runs/mini_paper
 
-Each of the paper's four claims (PAPER.md, "What the paper shows") becomes one comparison of two
-sets of numbers: `higher`, what the claim says should come out higher, and `lower`, one number per
+Each of the paper's four claims (PAPER.md, "What the paper shows"; claim 2 twice when the run has
+MoCo v3, `mini_paper.sh --moco`: against supervised and against contrastive pre-training) becomes one
+comparison of two sets of numbers: `higher`, what the claim says should come out higher, and `lower`, one number per
 seed (claim 3: one per layer). The verdict follows from those numbers alone:
 
     agrees     mean(higher) - mean(lower) > 2 x SE of the difference, SE = sqrt(se_h^2 + se_l^2),
@@ -15,10 +16,11 @@ seed (claim 3: one per layer). The verdict follows from those numbers alone:
 
 The run folders it reads (mini_paper.sh writes them):
     ft_{scratch,mae,dmae}_s{seed}          fine-tunes on a few labels of the pre-training classes
-    transfer_{mae,supervised}_s{seed}      fine-tunes on a few labels of the classes it never saw
+    transfer_{mae,supervised,moco}_s{seed} fine-tunes on a few labels of the classes it never saw
     probe_{model}_{src,dst}                linear probe (+ kNN) of a frozen encoder
     recon_{mae_tiny,teacher}               held-out reconstruction loss (the teacher check)
     cka_mae_vs_supervised                  layer CKA of MAE against the supervised reference
+    moco_tiny                              MoCo v3 pre-training (when the run has it)
     times.jsonl                            the wall time of every stage
 """
 import argparse
@@ -164,7 +166,7 @@ def the_claims(run, finetunes):
     diagonal = cka_diagonal(run, 'cka_mae_vs_supervised')
     third = max(1, len(diagonal) // 3)
     teacher_ok, teacher_sentence = teacher_check(run)
-    return {
+    claims = {
         '1': claim("MAE pre-training, then fine-tuning, beats supervised training from scratch",
                    'from MAE', top1s(finetunes, 'source', 'mae'),
                    'from scratch', top1s(finetunes, 'source', 'scratch'), source,
@@ -182,7 +184,17 @@ def the_claims(run, finetunes):
                    'from MAE', top1s(finetunes, 'source', 'mae'), source,
                    unconverged(finetunes, 'source', ('dmae', 'mae'))
                    or (None if teacher_ok else f"the teacher is not stronger: {teacher_sentence}")),
-    }, teacher_sentence
+    }
+    if has_moco(run):
+        claims['2b'] = claim("MAE transfers worse than contrastive (MoCo v3) pre-training to a data-insufficient "
+                             "task it never saw", 'from MoCo v3', top1s(finetunes, 'downstream', 'moco'),
+                             'from MAE', top1s(finetunes, 'downstream', 'mae'), downstream,
+                             unconverged(finetunes, 'downstream', ('mae', 'moco')))
+    return dict(sorted(claims.items())), teacher_sentence
+
+
+def has_moco(run):
+    return (run / 'moco_tiny').is_dir()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -195,6 +207,7 @@ ROWS = [   # (label of the row, init name of its fine-tunes, its probe runs' mod
     ('MAE ViT-Small, the teacher (no labels)', None, 'teacher'),
     ('supervised ViT-Tiny (labels of the pre-training classes)', 'supervised', 'supervised'),
 ]
+MOCO_ROW = ('MoCo v3 ViT-Tiny (no labels)', 'moco', 'moco')
 
 
 def table(run, finetunes):
@@ -208,7 +221,7 @@ def table(run, finetunes):
     lines = ["| pre-training (on the 5 pre-training classes) | fine-tune, same classes | fine-tune, unseen "
              "classes | linear probe, same / unseen | kNN, same / unseen |",
              "|---|---:|---:|---:|---:|"]
-    for label, init, probe in ROWS:
+    for label, init, probe in ROWS + ([MOCO_ROW] if has_moco(run) else []):
         lines.append(f"| {label} | {cell(top1s(finetunes, 'source', init))} | "
                      f"{cell(top1s(finetunes, 'downstream', init))} | "
                      f"{readout(f'probe_{probe}_src', 0)} / {readout(f'probe_{probe}_dst', 0)} | "
@@ -234,7 +247,7 @@ def write_report(run):
         "all 5,000 test images of those classes, at the last epoch; mean ± standard error over seeds "
         "(n = seeds). Probes and kNN: one run each.", "",
         *table(run, finetunes), "",
-        f"## The claims: {shown} of 4 shown", "",
+        f"## The claims: {shown} of {len(claims)} shown", "",
         *[f"{number}. {c['sentence']}" for number, c in claims.items()], "",
         f"Teacher check: {teacher_sentence}.", "",
         "A claim is shown ('agrees') only where the difference exceeds twice its standard error; "

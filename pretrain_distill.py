@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from data import normalization
 from pretrain_mae import MAE, build_mae, build_parser as build_mae_parser, pretrain_data, save_reconstruction_figure
-from training import (Run, RunError, adamw, append_log, load_resume_checkpoint, parse_args, prepare_output,
+from training import (Run, RunError, adamw, append_log, parse_args, prepare_output, resume_checkpoint,
                       run_main, save_checkpoint, seed_everything, train_one_epoch, weight_decay_groups)
 from vit import SIZES, CheckpointError, VisionTransformer, load_pretrained, vit
 
@@ -221,11 +221,11 @@ def dmae_losses(model, imgs, labels, at, mask_ratio):
 
 def main(argv=None):
     args = parse_args(build_parser(), argv)
+    if not 0 < args.mask_ratio < 1:
+        raise RunError(f"--mask-ratio must be in (0, 1), got {args.mask_ratio}")
     if not args.teacher:
         raise RunError("--teacher CKPT is required: a pre-trained MAE checkpoint (e.g. from pretrain_mae.py, "
                        "or the official MAE-Base), with --teacher-model its size")
-    if not 0 < args.mask_ratio < 1:
-        raise RunError(f"--mask-ratio must be in (0, 1), got {args.mask_ratio}")
     run = Run(args)
     seed_everything(args.seed)
 
@@ -246,23 +246,19 @@ def main(argv=None):
         raise RunError("--distill-layers is empty: D-MAE distils at least one block's attention (paper: -1)")
     model = DistilledMAE(student, teacher, attn_pairs, hidden_pairs, args.alpha,
                          args.alpha_hidden).to(run.device)
+    losses_of = functools.partial(dmae_losses, mask_ratio=args.mask_ratio)    # what the loop minimises
 
     # optimizer: student and adapters (the frozen teacher and pos-embeds are left out) ----------------
     effective_batch = args.batch_size * args.accum_iter * run.world_size
     lr = args.lr if args.lr is not None else args.blr * effective_batch / 256   # the linear scaling rule
     optimizer = adamw(weight_decay_groups(model, args.weight_decay), lr, (0.9, 0.95), run.device)
-    start_epoch = 0
-    if args.resume:
-        ckpt = load_resume_checkpoint(args.resume, STAGE)
-        model.student.load_state_dict(ckpt['model'])
-        try:
-            model.adapters.load_state_dict(ckpt['adapter'])
-        except RuntimeError:
-            raise RunError(f"--resume {args.resume} was distilled at other layers than --distill-layers "
-                           f"{args.distill_layers} / --distill-hidden '{args.distill_hidden}'; keep its "
-                           f"layers") from None
-        optimizer.load_state_dict(ckpt['optimizer'])
-        start_epoch = ckpt['epoch'] + 1
+    try:
+        start_epoch, _ = resume_checkpoint(args.resume, STAGE, optimizer, model=model.student,
+                                           adapter=model.adapters)
+    except RuntimeError:     # the adapters' keys name the distilled layers
+        raise RunError(f"--resume {args.resume} was distilled at other layers than --distill-layers "
+                       f"{args.distill_layers} / --distill-hidden '{args.distill_hidden}'; keep its "
+                       f"layers") from None
     train_model = run.wrap(model, args.compile, args.compile_mode)
     teacher_params = sum(p.numel() for p in teacher.parameters())
     run.announce(model, lr, effective_batch, f" | teacher {args.teacher_model} ({teacher_params / 1e6:.1f}M, frozen) "
@@ -272,10 +268,7 @@ def main(argv=None):
     log = prepare_output(run, args, start_epoch)
 
     # the loop --------------------------------------------------------------------------------------
-    losses_of = functools.partial(dmae_losses, mask_ratio=args.mask_ratio)
     for epoch in range(start_epoch, args.epochs):
-        seed_everything(args.seed, epoch, run.rank)
-        loader.sampler.set_epoch(epoch)
         stats = train_one_epoch(train_model, loader, optimizer, lr, epoch, run, args, losses_of)
         if run.is_main:
             append_log(log, {'epoch': epoch, **stats})

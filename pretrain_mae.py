@@ -21,8 +21,8 @@ from einops import rearrange
 
 from data import (Augmentation, DeviceLoader, build_dataset, build_loader, decode_to_tensor,
                   eval_transform, normalization, per_image_transform)
-from training import (Run, RunError, add_common_args, adamw, append_log, load_resume_checkpoint, parse_args,
-                      prepare_output, run_main, save_checkpoint, seed_everything, train_one_epoch,
+from training import (Run, RunError, add_common_args, adamw, append_log, parse_args, prepare_output,
+                      resume_checkpoint, run_main, save_checkpoint, seed_everything, train_one_epoch,
                       weight_decay_groups)
 from vit import MAE_DECODERS, SIZES, Block, VisionTransformer, gather_tokens, load_pretrained, sincos_pos_embed
 
@@ -204,12 +204,7 @@ def main(argv=None):
     effective_batch = args.batch_size * args.accum_iter * run.world_size
     lr = args.lr if args.lr is not None else args.blr * effective_batch / 256   # the linear scaling rule
     optimizer = adamw(weight_decay_groups(model, args.weight_decay), lr, (0.9, 0.95), run.device)
-    start_epoch = 0
-    if args.resume:
-        ckpt = load_resume_checkpoint(args.resume, STAGE)
-        model.load_state_dict(ckpt['model'])
-        optimizer.load_state_dict(ckpt['optimizer'])
-        start_epoch = ckpt['epoch'] + 1
+    start_epoch, _ = resume_checkpoint(args.resume, STAGE, optimizer, model=model)
     train_model = run.wrap(model, args.compile, args.compile_mode)
     run.announce(model, lr, effective_batch,
                  f" | {len(loader.sampler) * run.world_size} images, {len(loader)} steps/epoch")
@@ -218,8 +213,6 @@ def main(argv=None):
     # the loop --------------------------------------------------------------------------------------
     losses_of = functools.partial(mae_losses, mask_ratio=args.mask_ratio)
     for epoch in range(start_epoch, args.epochs):
-        seed_everything(args.seed, epoch, run.rank)
-        loader.sampler.set_epoch(epoch)
         stats = train_one_epoch(train_model, loader, optimizer, lr, epoch, run, args, losses_of)
         if run.is_main:
             append_log(log, {'epoch': epoch, **stats})

@@ -350,7 +350,10 @@ def train_one_epoch(model, loader, optimizer, peak_lr, epoch, run, args, losses_
 
     losses_of(model, inputs, labels, at) -> dict of 0-d tensors for one micro-batch, `at` being the
     fractional epoch (epoch + step / steps): 'loss' is minimised; every entry, 'loss' included, is
-    averaged over the epoch into the returned log record (with the last lr, img/s and the time)."""
+    averaged over the epoch into the returned log record (with the last lr, img/s and the time).
+    Masking, augmentation and the shuffle are seeded from (args.seed, epoch, rank) first."""
+    seed_everything(args.seed, epoch, run.rank)
+    loader.sampler.set_epoch(epoch)
     model.train()
     optimizer.zero_grad(set_to_none=True)
     steps, lr, sums = len(loader), 0.0, {}
@@ -477,14 +480,21 @@ def save_checkpoint(path, **state):
     os.replace(tmp, path)
 
 
-def load_resume_checkpoint(path, stage):
-    """The checkpoint `--resume` names, checked to be one of this stage."""
+def resume_checkpoint(path, stage, optimizer, **parts):
+    """Continue a run from the --resume checkpoint at `path` (None: a fresh start): checked to be one
+    of this `stage`, loaded into the optimizer and into each part (checkpoint key -> module).
+    -> (the epoch to start from, the checkpoint or None)."""
+    if not path:
+        return 0, None
     ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict) or ckpt.get('stage') != stage or 'optimizer' not in ckpt:
         found = ckpt.get('stage', 'unknown') if isinstance(ckpt, dict) else 'unknown'
         raise RunError(f"--resume {path} is a '{found}' checkpoint, not a '{stage}' one; to start "
                        f"from its weights use --init")
-    return ckpt
+    for name, module in parts.items():
+        module.load_state_dict(ckpt[name])
+    optimizer.load_state_dict(ckpt['optimizer'])
+    return ckpt['epoch'] + 1, ckpt
 
 
 def prepare_output(run, args, start_epoch):

@@ -9,6 +9,7 @@ import finetune
 import linear_probe
 import pretrain_distill
 import pretrain_mae
+import pretrain_moco
 
 # flags whose reader is training.parse_args itself; its other reads (e.g. resolving --amp) do not count
 READ_BY_PARSE_ARGS = {'config', 'resume'}
@@ -52,6 +53,7 @@ def mae_checkpoint(fashion_folder, tmp_path_factory):
     (pretrain_distill, ['--teacher-model', 'vit_tiny']),
     (finetune, ['--eval-every', 2]),
     (linear_probe, ['--cached-features']),
+    (pretrain_moco, ['--mlp-dim', 64, '--out-dim', 32]),
 ])
 def test_a_stage_reads_every_flag_it_accepts(stage, extra, fashion_folder, mae_checkpoint, tmp_path,
                                              monkeypatch):

@@ -100,3 +100,17 @@ def test_a_fine_tune_that_did_not_fit_its_training_images_leaves_its_claim_untes
     assert 'not converged' in report['claims']['1']['sentence']
     assert report['claims']['2']['verdict'] == 'agrees'          # its fine-tunes did converge
     assert any('ft_scratch_s2' in line and 'not converged' in line for line in lines)
+
+
+def test_a_run_with_moco_adds_claim_2b_and_its_row(run):
+    assert '2b' not in mini_report.write_report(run)[0]['claims']      # no MoCo in the run: no claim
+    (run / 'moco_tiny').mkdir()
+    for seed, top1 in enumerate([88.0, 89.0, 90.0]):                    # MAE transferred 84-86
+        write_finetune(run, f'transfer_moco_s{seed}', top1, labels=100)
+    write_probe(run, 'probe_moco_dst', 70.0, knn=65.0)
+    report, lines = mini_report.write_report(run)
+    assert list(report['claims']) == ['1', '2', '2b', '3', '4']
+    assert report['claims']['2b']['verdict'] == 'agrees'
+    assert report['claims']['2b']['higher']['values'] == [88.0, 89.0, 90.0]
+    assert any(line.startswith('| MoCo v3') and '89.0 ± 0.6 (n=3)' in line and '/ 70.0 |' in line for line in lines)
+    assert '4 of 5 shown' in (run / 'REPORT.md').read_text()

@@ -1,5 +1,4 @@
 """pretrain_mae.py: the MAE model's pieces, and the training script as a user runs it."""
-import os
 import signal
 import subprocess
 import sys
@@ -160,23 +159,6 @@ def test_sigterm_stops_at_once_with_one_line_and_an_intact_checkpoint(fashion_ro
     assert 'Traceback' not in stopped.stderr_text
     assert torch.load(out / 'checkpoint.pth', weights_only=True)['epoch'] == 0
     assert [line['epoch'] for line in read_log(out)] == [0]
-
-
-def test_ddp_with_two_cpu_processes(fashion_root, tmp_path):
-    out = tmp_path / 'ddp'
-    result = subprocess.run(
-        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-         str(ROOT / 'pretrain_mae.py'), *map(str, QUICK), '--data-root', str(fashion_root),
-         '--epochs', '2', '--batch-size', '32', '--num-workers', '2', '--output-dir', str(out)],
-        capture_output=True, text=True, timeout=600, env={**os.environ, 'OMP_NUM_THREADS': '1'})
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert 'x 2' in result.stdout and 'effective batch 64' in result.stdout
-    assert result.stdout.count('effective batch') == 1              # only rank 0 speaks
-    log = read_log(out)
-    assert [line['epoch'] for line in log] == [0, 1] and log[1]['loss'] < log[0]['loss']
-
-
-# -- bad input: one line, exit code 2, nothing written is lost ----------------------------------
 
 
 def test_image_size_not_divisible_by_patch(tmp_path):

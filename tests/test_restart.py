@@ -1,5 +1,6 @@
-"""torchrun --max-restarts on CPU (gloo) with DataLoader worker processes: a worker killed mid-epoch is
-restarted together with its peer, and the job ends with the losses of the same job run without the kill."""
+"""DDP under torchrun on CPU (gloo) with DataLoader worker processes: the job trains as one (one process
+speaks, the global batch), and with --max-restarts a worker killed mid-epoch is restarted together with
+its peer, and the job ends with the losses of the same job run without the kill."""
 import os
 import shutil
 import signal
@@ -67,6 +68,8 @@ def test_a_worker_killed_mid_epoch_is_restarted_and_ends_with_the_uninterrupted_
     try:
         job = start_job(reference, fashion_root)
         assert job.wait(timeout=180) == 0, Path(f'{reference}.out').read_text()[-3000:]
+        output = Path(f'{reference}.out').read_text()                # DDP: one speaker, the global batch
+        assert output.count('effective batch') == 1 and 'x 2 |' in output and 'effective batch 128' in output
 
         job = start_job(killed, fashion_root)
         deadline = time.time() + 120
@@ -88,5 +91,6 @@ def test_a_worker_killed_mid_epoch_is_restarted_and_ends_with_the_uninterrupted_
         kill_leftovers(tmp_path)
 
     expected, got = read_log(reference), read_log(killed)
+    assert expected[-1]['loss'] < expected[0]['loss']
     assert [r['epoch'] for r in got] == [0, 1, 2]
     assert got[-1]['loss'] == expected[-1]['loss']
