@@ -6,7 +6,8 @@
 #
 #   --full   on a GPU: longer schedules and more labels (same stages, same order), MoCo v3 included
 #   --smoke  seconds per stage, to check the pipeline end to end (the tests use it); numbers mean nothing
-#   --moco   add the MoCo v3 stages (claim 2b) to the default run: about 8 minutes more on 2 cores
+#   --moco   add the MoCo v3 stages (claim 2b) and a from-scratch reference on the unseen classes to the
+#            default run: about 12 minutes more on 2 cores
 #
 # The regime. Pre-training sees the images of 5 classes only (SOURCE: T-shirt, trouser, coat, sandal,
 # bag), without labels; the downstream task is the other 5 (TARGET: pullover, dress, shirt, sneaker,
@@ -88,6 +89,7 @@ stage probe_supervised_dst $PROBE_CMD --classes $TARGET --init $RUN/supervised/c
 if [ $MOCO = yes ]; then
   stage probe_moco_src $PROBE_CMD --classes $SOURCE --init $RUN/moco_tiny/checkpoint.pth $PROBE $EXTRA --output-dir $RUN/probe_moco_src
   stage probe_moco_dst $PROBE_CMD --classes $TARGET --init $RUN/moco_tiny/checkpoint.pth $PROBE $EXTRA --output-dir $RUN/probe_moco_dst
+  stage probe_random_dst $PROBE_CMD --classes $TARGET $PROBE $EXTRA --output-dir $RUN/probe_random_dst
 fi
 
 # 3. fine-tunes on a few labels, every seed: the SOURCE task (claims 1 and 4), the TARGET task (claim 2)
@@ -99,6 +101,7 @@ for seed in $SEEDS; do
   stage transfer_supervised_s$seed $FINETUNE --classes $TARGET --layer-decay 0.75 --init $RUN/supervised/checkpoint.pth --seed $seed $FT $EXTRA --output-dir $RUN/transfer_supervised_s$seed
   if [ $MOCO = yes ]; then
     stage transfer_moco_s$seed $FINETUNE --classes $TARGET --layer-decay 0.75 --init $RUN/moco_tiny/checkpoint.pth --seed $seed $FT $EXTRA --output-dir $RUN/transfer_moco_s$seed
+    stage transfer_scratch_s$seed $FINETUNE --classes $TARGET --layer-decay 1.0 --seed $seed $FT $EXTRA --output-dir $RUN/transfer_scratch_s$seed
   fi
 done
 

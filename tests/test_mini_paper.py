@@ -18,7 +18,7 @@ def test_every_stage_of_the_script_runs_end_to_end(fashion_root, tmp_path):
     stages = [json.loads(line)['stage'] for line in (run / 'times.jsonl').read_text().splitlines()]
     assert stages[:5] == ['mae_tiny', 'mae_teacher', 'dmae_tiny', 'supervised', 'moco_tiny']
     finetunes = [s for s in stages if s.startswith(('ft_', 'transfer_'))]
-    assert len(finetunes) == 6                                      # 1 seed x 6 inits at smoke size
+    assert len(finetunes) == 7                                      # 1 seed x 7 (init, task) at smoke size
     report = json.loads((run / 'report.json').read_text())
     assert set(report['claims']) == {'1', '2', '2b', '3', '4'}      # 2b: MoCo v3 against MAE
     assert len(report['claims']['1']['higher']['values']) == 1       # one per seed
