@@ -76,7 +76,7 @@ def test_a_worker_killed_mid_epoch_is_restarted_and_ends_with_the_uninterrupted_
         while not ((killed / 'checkpoint.pth').exists() and (killed / 'log.jsonl').exists()):
             assert job.poll() is None and time.time() < deadline, Path(f'{killed}.out').read_text()[-3000:]
             time.sleep(0.05)
-        time.sleep(1.0)                                              # into epoch 1 (of 0, 1, 2)
+        time.sleep(0.3)                                              # into epoch 1 (of 0, 1, 2)
         victim = local_rank_1_worker(job.pid)
         assert victim is not None and job.poll() is None
         os.kill(victim, signal.SIGKILL)
