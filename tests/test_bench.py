@@ -1,4 +1,5 @@
-"""bench.py: the FLOPs it counts are the step's, and one run prints one table with its command."""
+"""bench.py: the FLOPs it counts are the step's (ours and the timm-block yardstick), and one run prints
+one table with its command."""
 import re
 
 import pytest
@@ -23,11 +24,11 @@ def mae_step_flops(batch, img_size, patch, dim=192, depth=12, dec_dim=96, dec_de
     return batch * (3 * forward - 2 * (visible - 1) * pixels * dim)
 
 
-@pytest.mark.parametrize('img_size', [32, 48])
-def test_the_flop_count_is_every_matmul_of_the_mae_step_attention_included(img_size):
+@pytest.mark.parametrize('stage, img_size', [('mae', 32), ('mae', 48), ('timm_ref', 32)])
+def test_the_flop_count_is_every_matmul_of_the_mae_step_attention_included(stage, img_size):
     args = type('Args', (), dict(model='vit_tiny', img_size=img_size, patch_size=4, batch_size=2))
     device = torch.device('cpu')
-    model, optimizer, loss_of, batch = bench.build_step('mae', args, device)
+    model, optimizer, loss_of, batch = bench.build_step(stage, args, device)
     counted = bench.count_flops(bench.make_step(model, optimizer, loss_of, False, device), batch)
     assert counted == mae_step_flops(2, img_size, 4)
 
@@ -41,13 +42,13 @@ def table_rows(stdout):
 
 def test_one_run_prints_its_command_and_one_table(fashion_root):
     result = run_script('bench.py', '--img-size', 16, '--patch-size', 4, '--batch-size', 8, '--stages',
-                        'timm_ref', 'mae', 'data', '--precisions', 'fp32', '--no-compile-modes',
+                        'mae', 'moco', 'data', '--precisions', 'fp32', '--no-compile-modes',
                         '--iters', 5, '--warmup', 1, '--data-root', fashion_root, '--num-workers', 0)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].startswith('$ python ') and '--stages timm_ref mae data' in lines[0]
+    assert lines[0].startswith('$ python ') and '--stages mae moco data' in lines[0]
     rows = table_rows(result.stdout)
-    assert list(rows) == [('timm_ref', 'eager', 'fp32'), ('mae', 'eager', 'fp32'), ('dataloader', '-', '-'),
+    assert list(rows) == [('mae', 'eager', 'fp32'), ('moco', 'eager', 'fp32'), ('dataloader', '-', '-'),
                           ('device_loader', '-', '-'), ('mae+batch', '-', '-'), ('mae+device_loader', '-', '-')]
     assert all(float(cells[0]) > 0 for cells in rows.values())                     # img/s
     assert rows['mae', 'eager', 'fp32'][1] == f"{mae_step_flops(1, 16, 4) / 1e9:.2f}"   # GFLOP/img

@@ -1,5 +1,7 @@
 """finetune.py: the layer-decay rule, loading a pre-trained encoder, batch mixing, the recipes, and
 the script as a user runs it (a short real run, --eval-only, --resume, bad input)."""
+import contextlib
+import io
 import os
 import re
 import subprocess
@@ -164,12 +166,12 @@ def finetuned(fashion_folder, tmp_path_factory):
     pos-embed is resized to the 16 px grid."""
     tmp = tmp_path_factory.mktemp('finetune')
     torch.save({'model': build_mae('vit_tiny', img_size=32, patch_size=8).state_dict()}, tmp / 'mae.pth')
-    out = tmp / 'run'
-    result = run_script('finetune.py', '--data', fashion_folder, *TINY, '--epochs', '4',
-                        '--warmup-epochs', '1', '--blr', '4e-3', '--rand-aug', 'none', '--mixup', '0',
-                        '--min-crop-scale', '0.5', '--init', tmp / 'mae.pth', '--output-dir', out)
-    assert result.returncode == 0, result.stderr
-    return out, result.stdout
+    out, printed = tmp / 'run', io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        finetune.main([str(a) for a in ('--data', fashion_folder, *TINY, '--epochs', '4', '--warmup-epochs', '1',
+                                        '--blr', '4e-3', '--rand-aug', 'none', '--mixup', '0', '--min-crop-scale',
+                                        '0.5', '--init', tmp / 'mae.pth', '--output-dir', out)])
+    return out, printed.getvalue()
 
 
 def test_init_reports_what_was_loaded_and_what_is_new(finetuned):

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import default_collate
 
+import finetune
 from conftest import ROOT, read_log, run_script
 from data import moco_views, normalization
 from pretrain_moco import (MoCo, contrastive_loss, gather_keys, moco_losses, moco_optimizer, moco_vit,
@@ -258,15 +259,15 @@ def test_a_killed_run_resumes_to_the_same_losses_and_weights(moco_run, tmp_path)
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
 
 
-def test_the_checkpoint_fine_tunes_with_every_encoder_tensor_loaded(moco_run, fashion_folder, tmp_path):
+def test_the_checkpoint_fine_tunes_with_every_encoder_tensor_loaded(moco_run, fashion_folder, tmp_path, capsys):
     _, out = moco_run
-    result = run_script('finetune.py', '--data', fashion_folder, '--img-size', '16', '--patch-size', '8',
-                        '--batch-size', '16', '--subset', '32', '--val-subset', '16', '--num-workers', '0',
-                        '--epochs', '1', '--rand-aug', 'none', '--mixup', '0', '--init', out / 'checkpoint.pth',
-                        '--output-dir', tmp_path / 'ft')
-    assert result.returncode == 0, result.stderr
+    finetune.main([str(a) for a in ('--data', fashion_folder, '--img-size', '16', '--patch-size', '8',
+                                    '--batch-size', '16', '--subset', '32', '--val-subset', '16', '--num-workers',
+                                    '0', '--epochs', '1', '--rand-aug', 'none', '--mixup', '0', '--init',
+                                    out / 'checkpoint.pth', '--output-dir', tmp_path / 'ft')])
+    stdout = capsys.readouterr().out
     # every encoder tensor but the final norm, which the global-pool head replaces by a fresh fc_norm
     encoder_tensors = len(torch.load(out / 'checkpoint.pth', weights_only=True)['model'])
     assert (f"init from {out / 'checkpoint.pth'}: {encoder_tensors - 2} tensors loaded; "
             f"new: fc_norm.weight, fc_norm.bias, head.weight, head.bias; ignored: norm.weight, norm.bias"
-            in result.stdout.splitlines()), result.stdout
+            in stdout.splitlines()), stdout
