@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from data import build_dataset, eval_transform, normalization
 from pretrain_mae import save_reconstruction_figure
-from training import RunError, run_main
+from training import RunError, default_num_workers, run_main
 from vit import SIZES, encoder_geometry, encoder_state_dict, load_mae, load_pretrained, read_checkpoint, vit
 
 # CKA's last layer (--last-layer): what each choice reads, as the figure and the printout say it
@@ -356,7 +356,8 @@ def add_shared_args(parser, num_images, batch_size=None, random_model=True):
     if batch_size:
         g.add_argument('--batch-size', type=int, default=batch_size,
                        help=f'images per batch (default {batch_size})')
-        g.add_argument('--num-workers', type=int, default=4, help='data loader processes')
+        g.add_argument('--num-workers', type=int, default=default_num_workers(),
+                       help='data loader processes (default: 4, or the CPU count if fewer)')
     g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     g.add_argument('--output-dir', default='output/analysis', help='where the figures and tables go')
     g.add_argument('--seed', type=int, default=0,
