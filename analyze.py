@@ -28,9 +28,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data import build_dataset, eval_transform, normalization
-from pretrain_mae import save_reconstruction_figure
-from training import RunError, default_num_workers, run_main
-from vit import SIZES, encoder_geometry, encoder_state_dict, load_mae, load_pretrained, read_checkpoint, vit
+from pretrain_mae import MAE, save_reconstruction_figure
+from operations import RunError, run_main
+from training import default_num_workers
+from vit import SIZES, encoder_geometry, encoder_state_dict, load_pretrained, read_checkpoint, vit
 
 # CKA's last layer (--last-layer): what each choice reads, as the figure and the printout say it
 LAST_LAYERS = {'fc_norm': "fc_norm on the last block's tokens (a fresh LayerNorm where a model has none)",
@@ -139,7 +140,7 @@ def val_images(args, img_size):
     """A fixed random sample of --num-images of the val split, with the eval transform."""
     dataset, _ = build_dataset(args.data, args.data_root, train=False,
                                transform=eval_transform(img_size, stats=normalization(args.data)),
-                               synthetic_size=img_size, subset=args.num_images)
+                               subset=args.num_images)
     return dataset
 
 
@@ -253,7 +254,7 @@ def reconstruct_command(args):
     if not 0 < args.mask_ratio < 1:
         raise RunError(f"--mask-ratio must be in (0, 1), got {args.mask_ratio}")
     try:
-        model = load_mae(args.ckpt, args.img_size, args.norm_pix_loss).to(device).eval()
+        model = MAE.from_checkpoint(args.ckpt, args.img_size, args.norm_pix_loss).to(device).eval()
     except ValueError as e:                 # an --img-size that is no multiple of the patch size
         raise RunError(str(e)) from None
     images = val_images(args, model.patch_embed.img_size)

@@ -9,16 +9,15 @@ MAE step fed by the in-memory loader vs by one pre-made batch. The `timm_ref` ro
 the same MAE with every transformer block replaced by timm's `Block` (needs `pip install timm`; not a
 dependency of the project). Each row runs in a fresh process, so peak memory and compile caches do
 not leak between rows; `--rounds N` measures every row N times, round-robin, so that the machine's
-slow drift hits every row alike, and keeps the median round. A step's loss is the stage's own
-(`mae_losses`, `dmae_losses`, `classification_losses`, `probe_losses`). Prints one markdown table and
-its command.
+slow drift hits every row alike, and keeps the median round. A step's loss is the stage's own (the
+MAE's, DistilledMAE's and MoCo's forward, finetune.classification_loss, linear_probe.probe_losses).
+Prints one markdown table and its command.
 
     python bench.py                                    # every stage: MAE-Tiny at 224 px, batch 32
     python bench.py --stages timm_ref mae --precisions fp32 --rounds 5    # the eager vs compile question
     python bench.py --img-size 32 --patch-size 4 --batch-size 128 --stages mae data   # quick recipe
 """
 import argparse
-import functools
 import json
 import resource
 import subprocess
@@ -62,11 +61,11 @@ def with_timm_blocks(mae):
 
 def build_step(stage, args, device):
     """-> step(imgs, labels), the trainable module, a batch (imgs, labels)."""
-    from finetune import classification_losses, layer_decay_groups
+    from finetune import classification_loss, layer_decay_groups
     from linear_probe import LARS, probe_head, probe_losses
-    from pretrain_distill import DistilledMAE, dmae_losses
-    from pretrain_mae import build_mae, mae_losses
-    from pretrain_moco import MoCo, moco_losses, moco_optimizer, moco_vit
+    from pretrain_distill import DistilledMAE
+    from pretrain_mae import build_mae
+    from pretrain_moco import MoCo, moco_optimizer, moco_vit
     from training import adamw, weight_decay_groups
     from vit import vit
 
@@ -77,29 +76,34 @@ def build_step(stage, args, device):
         model = build_mae(args.model, **size)
         model = (with_timm_blocks(model) if stage == 'timm_ref' else model).to(device)
         optimizer = adamw(weight_decay_groups(model, 0.05), 1e-4, (0.9, 0.95), device)
-        loss_of = functools.partial(mae_losses, mask_ratio=0.75)
+        def loss_of(imgs, labels):
+            return model(imgs, mask_ratio=0.75)[0]
     elif stage == 'dmae':
         student = build_mae(args.model, **size)
         teacher = vit(args.teacher_model, num_classes=0, **size)
         model = DistilledMAE(student, teacher, attn_pairs=[(student.depth - 1, teacher.depth - 1)]).to(device)
         optimizer = adamw(weight_decay_groups(model, 0.05), 1e-4, (0.9, 0.95), device)
-        loss_of = functools.partial(dmae_losses, mask_ratio=0.75)
+        def loss_of(imgs, labels):
+            return model(imgs, mask_ratio=0.75)['loss']
     elif stage == 'moco':     # two views of each image: the batch is (B, 2, 3, H, W)
         model = MoCo(moco_vit(args.model, args.img_size, args.patch_size)).to(device)
         optimizer = moco_optimizer(model, 1e-4, 0.1, device)
-        loss_of = functools.partial(moco_losses, base_momentum=0.99, epochs=1, accum_iter=1)
+        def loss_of(views, labels):
+            return model(views, momentum=0.99)
         imgs = torch.randn(args.batch_size, 2, 3, args.img_size, args.img_size, device=device)
     elif stage == 'finetune':
         model = vit(args.model, num_classes=1000, global_pool=True, **size).to(device)
         optimizer = adamw(layer_decay_groups(model, 0.05, 0.85), 1e-4, (0.9, 0.999), device)
-        loss_of = functools.partial(classification_losses, batch_mixing=None, smoothing=0.0)
+        def loss_of(imgs, labels):
+            return classification_loss(model, imgs, labels, batch_mixing=None, smoothing=0.0)
     elif stage == 'probe':
         model = vit(args.model, num_classes=1000, **size).to(device)
         model.head = probe_head(model.embed_dim, 1000).to(device)
         model.requires_grad_(False).eval()
         model.head.requires_grad_(True).train()
         optimizer = LARS(model.head.parameters(), lr=0.1)
-        loss_of = probe_losses
+        def loss_of(imgs, labels):
+            return probe_losses(model, imgs, labels)['loss']
     else:
         raise ValueError(stage)
     return model, optimizer, loss_of, (imgs, labels)
@@ -108,7 +112,7 @@ def build_step(stage, args, device):
 def make_step(model, optimizer, loss_of, amp, device):
     def step(imgs, labels):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = loss_of(model, imgs, labels, 0.0)['loss']
+            loss = loss_of(imgs, labels)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -189,19 +193,17 @@ def measure_stage(stage, compile, amp, args, device):
 
 def measure_data(kind, args, device):
     """The data path alone (img/s of batches), or the MAE step fed by the in-memory loader."""
-    from data import (Augmentation, DeviceLoader, build_dataset, build_loader, decode_to_tensor,
-                      per_image_transform)
+    from data import Augmentation, build_dataset, build_loader, per_image_transform
+    from data_in_memory import in_memory_loader
     subset = args.batch_size * (args.iters + args.warmup + 2)    # enough images for the timed batches
     augmentation = Augmentation()                                 # pre-training's: crop + flip
     if kind == 'dataloader':
         dataset, _ = build_dataset(args.data, args.data_root, True,
-                                   per_image_transform(augmentation, args.img_size),
-                                   synthetic_size=args.img_size, subset=subset)
+                                   per_image_transform(augmentation, args.img_size), subset=subset)
         loader = build_loader(dataset, args.batch_size, True, args.num_workers, device)
     else:
-        images, labels, _ = decode_to_tensor(args.data, args.data_root, True, args.img_size, subset=subset,
-                                             device=device)
-        loader = DeviceLoader(images, labels, args.batch_size, train=True, augmentation=augmentation)
+        loader, _, _ = in_memory_loader(args.data, args.data_root, True, args.img_size, args.batch_size,
+                                        augmentation, subset=subset, device=device)
     batches = iter(loader)
     next(batches)                                             # workers started, first batch made
     if kind != 'mae+device_loader':

@@ -20,17 +20,19 @@ Recipes: `--config configs/finetune_tiny_imagenet_improved.yaml` (the paper's 30
 linear_probe.py does a probe's.
 """
 import argparse
-import functools
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-from data import (Augmentation, DeviceLoader, build_dataset, build_loader, decode_to_tensor,
-                  eval_transform, normalization, per_image_transform, rand_augment)
-from training import (Run, RunError, add_common_args, adamw, append_log, evaluate, evaluate_checkpoint,
-                      parse_args, prepare_output, resume_checkpoint, run_main, save_checkpoint,
-                      seed_everything, train_one_epoch)
+from data import Augmentation, build_dataset, build_loader, eval_transform, normalization, per_image_transform
+from data_in_memory import in_memory_loader
+from rand_augment import rand_augment
+from operations import RunError, run_main
+from training import (Processes, add_common_args, adamw, announce, append_log, compile_and_wrap, evaluate,
+                      evaluate_checkpoint, parse_args, prepare_output, resume_checkpoint, save_checkpoint,
+                      seed_everything, train_one_epoch, warmup_cosine)
 from vit import load_pretrained, vit
 
 STAGE = 'finetune'
@@ -69,7 +71,7 @@ def layer_decay_groups(model, weight_decay, layer_decay):
 
 
 def parse_rand_aug(spec):
-    """--rand-aug, timm's RandAugment spec (data.rand_augment) -> (num_ops, magnitude, magnitude_std)
+    """--rand-aug, timm's RandAugment spec (rand_augment.rand_augment) -> (num_ops, magnitude, magnitude_std)
     for data.Augmentation, or None for 'none': 'm10-mstd0.5' (the paper's 'rand-m10-mstd0.5-inc1')
     -> (2, 10, 0.5); 'n3-m9' -> (3, 9, 0.0). A bad spec stops the run with one line."""
     try:
@@ -139,58 +141,45 @@ def build_parser():
     return parser
 
 
-def classification_losses(model, imgs, labels, at, batch_mixing, smoothing):
-    """The loop's loss for one batch (training.train_one_epoch): MixUp / CutMix, then cross-entropy
-    against the (soft) targets; cross_entropy smooths class indices and soft targets alike:
-    t (1 - eps) + eps / classes."""
+def classification_loss(model, imgs, labels, batch_mixing, smoothing):
+    """The fine-tuning loss of one batch: MixUp / CutMix, then cross-entropy against the (soft)
+    targets; cross_entropy smooths class indices and soft targets alike: t (1 - eps) + eps / classes."""
     targets = labels                                                # (B,)
     if batch_mixing is not None:
         imgs, targets = batch_mixing(imgs, labels)                  # targets (B, classes), soft
     logits = model(imgs)                                            # (B, classes)
-    return {'loss': F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)}
+    return F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
 
 
-def build_val_loader(args, run):
-    """-> (loader, images, classes) of the validation set, in the eval view: resize to size / crop_pct
-    (bicubic), center crop."""
-    return build_eval_loader(args, run, train=False, subset=args.val_subset)
-
-
-def build_eval_loader(args, run, train, subset):
-    """-> (loader, images, classes) of the train or val split in the eval view."""
-    if args.data_on_device:
-        images, labels, num_classes = decode_to_tensor(args.data, args.data_root, train, args.img_size,
-                                                       crop_pct=args.crop_pct, subset=subset, classes=args.classes,
-                                                       device=run.device)
-        loader = DeviceLoader(images, labels, args.batch_size, train=False, stats=normalization(args.data),
-                              rank=run.rank, world_size=run.world_size)
-        return loader, len(images), num_classes
+def build_eval_loader(args, procs, train, subset):
+    """-> (loader, images, classes) of the train or val split in the eval view: resize to
+    img_size / crop_pct (bicubic), center crop."""
+    stats = normalization(args.data)
+    if args.data_on_device:     # a speed path for small data sets (data_in_memory.py)
+        return in_memory_loader(args.data, args.data_root, train, args.img_size, args.batch_size, stats=stats,
+                                crop_pct=args.crop_pct, subset=subset, classes=args.classes,
+                                device=procs.device, rank=procs.rank, world_size=procs.world_size)
     dataset, num_classes = build_dataset(args.data, args.data_root, train=train, subset=subset,
-                                         classes=args.classes, synthetic_size=args.img_size,
-                                         transform=eval_transform(args.img_size, args.crop_pct,
-                                                                  normalization(args.data)))
+                                         classes=args.classes,
+                                         transform=eval_transform(args.img_size, args.crop_pct, stats))
     loader = build_loader(dataset, args.batch_size, train=False, num_workers=args.num_workers,
-                          device=run.device, rank=run.rank, world_size=run.world_size)
+                          device=procs.device, rank=procs.rank, world_size=procs.world_size)
     return loader, len(dataset), num_classes
 
 
-def build_train_loader(args, run, rand_aug):
-    """-> (loader, images, classes) of the training set with the fine-tuning augmentation (per image,
-    or on the device in batches with --data-on-device)."""
+def build_train_loader(args, procs, rand_aug):
+    """-> (loader, images, classes) of the training set with the fine-tuning augmentation."""
     augmentation = Augmentation(args.min_crop_scale, rand_aug, args.reprob)
     stats = normalization(args.data)
-    if args.data_on_device:
-        images, labels, num_classes = decode_to_tensor(args.data, args.data_root, True, args.img_size,
-                                                       subset=args.subset, classes=args.classes,
-                                                       device=run.device)
-        loader = DeviceLoader(images, labels, args.batch_size, train=True, augmentation=augmentation,
-                              stats=stats, seed=args.seed, rank=run.rank, world_size=run.world_size)
-        return loader, len(images), num_classes
+    if args.data_on_device:     # a speed path for small data sets (data_in_memory.py)
+        return in_memory_loader(args.data, args.data_root, True, args.img_size, args.batch_size, augmentation,
+                                stats, subset=args.subset, classes=args.classes, device=procs.device,
+                                seed=args.seed, rank=procs.rank, world_size=procs.world_size)
     dataset, num_classes = build_dataset(
-        args.data, args.data_root, train=True, synthetic_size=args.img_size, subset=args.subset,
-        classes=args.classes, transform=per_image_transform(augmentation, args.img_size, stats))
+        args.data, args.data_root, train=True, subset=args.subset, classes=args.classes,
+        transform=per_image_transform(augmentation, args.img_size, stats))
     loader = build_loader(dataset, args.batch_size, train=True, num_workers=args.num_workers,
-                          device=run.device, seed=args.seed, rank=run.rank, world_size=run.world_size)
+                          device=procs.device, seed=args.seed, rank=procs.rank, world_size=procs.world_size)
     return loader, len(dataset), num_classes
 
 
@@ -201,70 +190,75 @@ def main(argv=None):
         raise RunError(f"--layer-decay must be in (0, 1], got {args.layer_decay}")
     if args.eval_only and not args.init:
         raise RunError("--eval-only evaluates the classifier given by --init: pass a fine-tuned checkpoint")
-    run = Run(args)
+    procs = Processes(args.device)
     seed_everything(args.seed)
 
     # data ------------------------------------------------------------------------------------------
-    val_loader, num_val, num_classes = build_val_loader(args, run)
+    val_loader, num_val, num_classes = build_eval_loader(args, procs, train=False, subset=args.val_subset)
 
     # model -----------------------------------------------------------------------------------------
     model = vit(args.model, img_size=args.img_size, patch_size=args.patch_size, num_classes=num_classes,
-                global_pool=args.global_pool, drop_path_rate=args.drop_path).to(run.device)
+                global_pool=args.global_pool, drop_path_rate=args.drop_path).to(procs.device)
     if args.eval_only:
-        evaluate_checkpoint(model, args.init, val_loader, num_val, run, args)
-        run.close()
+        evaluate_checkpoint(model, args.init, val_loader, num_val, procs, args)
+        procs.close()
         return
     if args.init and not args.resume:
         report = load_pretrained(model, args.init)               # the head and fc_norm start fresh
-        if run.is_main:
+        if procs.is_main:
             print(f"init from {args.init}: {report.summary()}", flush=True)
-    elif not args.resume and run.is_main:
+    elif not args.resume and procs.is_main:
         print("no --init: training from scratch (the supervised baseline)", flush=True)
 
-    loader, num_train, train_classes = build_train_loader(args, run, rand_aug)
+    loader, num_train, train_classes = build_train_loader(args, procs, rand_aug)
     if train_classes != num_classes:
         raise RunError(f"--data {args.data}: {train_classes} classes in train but {num_classes} in val")
     batch_mixing = build_batch_mixing(args.mixup, args.cutmix, num_classes)
 
-    # optimizer -------------------------------------------------------------------------------------
-    effective_batch = args.batch_size * args.accum_iter * run.world_size
+    # optimizer: layer-wise lr decay ----------------------------------------------------------------
+    effective_batch = args.batch_size * args.accum_iter * procs.world_size
     lr = args.lr if args.lr is not None else args.blr * effective_batch / 256   # the linear scaling rule
+    lr_at = warmup_cosine(lr, args.min_lr, args.warmup_epochs, args.epochs)
     groups = layer_decay_groups(model, args.weight_decay, args.layer_decay)
     if args.optimizer == 'adamw':
-        optimizer = adamw(groups, lr, (0.9, 0.999), run.device)
+        optimizer = adamw(groups, lr, (0.9, 0.999), procs.device)
     else:   # the transfer recipe
         optimizer = torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
     start_epoch, ckpt = resume_checkpoint(args.resume, STAGE, optimizer, model=model)
     best_top1 = ckpt['best_top1'] if ckpt else 0.0
-    train_model = run.wrap(model, args.compile, args.compile_mode)
-    run.announce(model, lr, effective_batch, f" | {num_train} train / {num_val} val images, "
-                                             f"{num_classes} classes, {len(loader)} steps/epoch")
-    log = prepare_output(run, args, start_epoch)
+    train_model = compile_and_wrap(model, procs, args.compile, args.compile_mode)
+    out = Path(args.output_dir)
+    announce(procs, model, lr, effective_batch, out, f" | {num_train} train / {num_val} val images, "
+                                                     f"{num_classes} classes, {len(loader)} steps/epoch")
+    log = prepare_output(out, args, start_epoch, procs.is_main)
 
     # the loop --------------------------------------------------------------------------------------
-    losses_of = functools.partial(classification_losses, batch_mixing=batch_mixing, smoothing=args.smoothing)
+    def losses(imgs, labels, epoch_frac):
+        return {'loss': classification_loss(train_model, imgs, labels, batch_mixing, args.smoothing)}
+
     for epoch in range(start_epoch, args.epochs):
-        record = {'epoch': epoch, **train_one_epoch(train_model, loader, optimizer, lr, epoch, run, args,
-                                                    losses_of, clip_grad=args.clip_grad)}
+        record = {'epoch': epoch, **train_one_epoch(train_model, loader, optimizer, losses, lr_at, epoch, procs,
+                                                    accum_iter=args.accum_iter, amp=args.amp,
+                                                    clip_grad=args.clip_grad, seed=args.seed)}
         last, is_best = epoch + 1 == args.epochs, False
         if last or (epoch + 1) % args.eval_every == 0:
             record.update({f'val_{name}': value for name, value in
-                           evaluate(train_model, val_loader, run, args.amp).items()})
+                           evaluate(train_model, val_loader, procs, args.amp).items()})
             is_best = record['val_top1'] > best_top1
             best_top1 = max(best_top1, record['val_top1'])
             record['best_top1'] = best_top1
         if last:   # did the fine-tune fit its own training images? (clean: the eval view, no mixing)
-            clean_loader, num_clean, _ = build_eval_loader(args, run, train=True,
+            clean_loader, num_clean, _ = build_eval_loader(args, procs, train=True,
                                                            subset=min(args.subset or CLEAN_TRAIN_IMAGES,
                                                                       CLEAN_TRAIN_IMAGES))
-            record['train_top1'] = evaluate(train_model, clean_loader, run, args.amp)['top1']
-        if run.is_main:
+            record['train_top1'] = evaluate(train_model, clean_loader, procs, args.amp)['top1']
+        if procs.is_main:
             append_log(log, record)
             state = dict(stage=STAGE, epoch=epoch, args=vars(args), model=model.state_dict(),
                          optimizer=optimizer.state_dict(), top1=record.get('val_top1'), best_top1=best_top1)
             if is_best:   # before the last checkpoint: a crash in between only repeats this epoch
-                save_checkpoint(run.output_dir / 'best.pth', **state)
-            save_checkpoint(run.output_dir / 'checkpoint.pth', **state)
+                save_checkpoint(out / 'best.pth', **state)
+            save_checkpoint(out / 'checkpoint.pth', **state)
             line = f"epoch {epoch}: loss {record['loss']:.4f}, {record['img_per_s']:.0f} img/s"
             if 'val_top1' in record:
                 line += (f", val top-1 {record['val_top1']:.2f}% top-5 {record['val_top5']:.2f}% "
@@ -273,7 +267,7 @@ def main(argv=None):
                 line += (f"; train top-1 {record['train_top1']:.2f}% on {num_clean} of its training "
                          f"images (eval view)")
             print(line, flush=True)
-    run.close()
+    procs.close()
 
 
 if __name__ == '__main__':

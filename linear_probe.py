@@ -36,17 +36,19 @@ mode as a cheap ranking of encoders; report the full protocol's number when comp
 import argparse
 import hashlib
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (Augmentation, TensorBatches, build_dataset, build_loader, eval_transform, normalization,
-                  per_image_transform)
-from training import (Run, RunError, add_common_args, append_log, evaluate, evaluate_checkpoint,
-                      parse_args, prepare_output, resume_checkpoint, run_main, save_checkpoint,
-                      seed_everything, train_one_epoch)
+from data import Augmentation, build_dataset, build_loader, eval_transform, normalization, per_image_transform
+from data_in_memory import TensorBatches
+from operations import RunError, run_main
+from training import (Processes, add_common_args, announce, append_log, autocast, compile_and_wrap, evaluate,
+                      evaluate_checkpoint, parse_args, prepare_output, resume_checkpoint, save_checkpoint,
+                      seed_everything, train_one_epoch, warmup_cosine)
 from vit import load_pretrained, read_checkpoint, vit
 
 STAGE = 'linear_probe'
@@ -130,37 +132,37 @@ def encoder_fingerprint(model):
 # The fast mode: features extracted once, cached on disk
 # --------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def extract_features(model, dataset, run, args):
+def extract_features(model, dataset, procs, args):
     """The frozen encoder's feature of every image, in order: (N, D) float32 and labels (N,)."""
     loader = build_loader(dataset, args.batch_size, train=False, num_workers=args.num_workers,
-                          device=run.device)
+                          device=procs.device)
     features, labels = [], []
-    for imgs, targets in tqdm(loader, desc="extracting features", disable=not run.is_main,
+    for imgs, targets in tqdm(loader, desc="extracting features", disable=not procs.is_main,
                               dynamic_ncols=True, leave=False):
-        with run.autocast(args.amp):
-            tokens = model.encode(imgs.to(run.device, non_blocking=True)).tokens   # (B, 1 + L, D)
-            features.append(model.pool(tokens).float())                           # (B, D)
-        labels.append(targets.to(run.device))
+        with autocast(procs.device, args.amp):
+            tokens = model.encode(imgs.to(procs.device, non_blocking=True)).tokens   # (B, 1 + L, D)
+            features.append(model.pool(tokens).float())                             # (B, D)
+        labels.append(targets.to(procs.device))
     return torch.cat(features), torch.cat(labels)
 
 
-def cached_features(model, train_set, val_set, run, args):
+def cached_features(model, train_set, val_set, procs, args):
     """Train and val features from OUTPUT_DIR/features.pt when it was made by this encoder on these
     images; otherwise extracted now and saved there. -> dict of (N, D) features and (N,) labels."""
     key = dict(encoder=encoder_fingerprint(model), model=args.model, feature=args.feature,
                data=str(args.data), data_root=str(args.data_root), img_size=args.img_size,
                subset=args.subset, val_subset=args.val_subset, classes=args.classes, crop_pct=args.crop_pct)
-    path = run.output_dir / 'features.pt'
+    path = Path(args.output_dir) / 'features.pt'
     if path.exists():
         cache = read_checkpoint(path)
         if cache.get('key') == key:
             print(f"features from the cache {path}")
-            return {name: t.to(run.device) for name, t in cache.items() if name != 'key'}
+            return {name: t.to(procs.device) for name, t in cache.items() if name != 'key'}
         print(f"the cache {path} holds other features (another encoder or data): re-extracting")
     start = time.time()
     cache = {}
-    cache['train'], cache['train_labels'] = extract_features(model, train_set, run, args)
-    cache['val'], cache['val_labels'] = extract_features(model, val_set, run, args)
+    cache['train'], cache['train_labels'] = extract_features(model, train_set, procs, args)
+    cache['val'], cache['val_labels'] = extract_features(model, val_set, procs, args)
     save_checkpoint(path, key=key, **{name: t.cpu() for name, t in cache.items()})
     print(f"extracted {len(cache['train'])} train and {len(cache['val'])} val features of dim "
           f"{cache['train'].shape[1]} in {time.time() - start:.1f}s, cached in {path}")
@@ -215,9 +217,9 @@ def build_parser():
     return parser
 
 
-def probe_losses(classifier, inputs, labels, at):
-    """The loop's losses for one batch (training.train_one_epoch): cross-entropy, and the batch's
-    top-1 (%) on its training view, averaged into the log as train_top1 (batches are equal)."""
+def probe_losses(classifier, inputs, labels):
+    """The probe's losses on one batch: cross-entropy, and the batch's top-1 (%) on its training
+    view, averaged into the log as train_top1 (batches are equal)."""
     logits = classifier(inputs)                                       # (B, num_classes)
     return {'loss': F.cross_entropy(logits.float(), labels),
             'train_top1': 100 * (logits.argmax(1) == labels).float().mean()}
@@ -228,8 +230,8 @@ def main(argv=None):
     if args.eval_only and not args.init:
         raise RunError("--eval-only evaluates the probe given by --init: pass a probe checkpoint "
                        "(OUTPUT_DIR/checkpoint.pth of a probe run)")
-    run = Run(args)
-    if args.cached_features and run.distributed:
+    procs = Processes(args.device)
+    if args.cached_features and procs.distributed:
         raise RunError("--cached-features runs in one process (the head trains in seconds): "
                        "run it without torchrun")
     seed_everything(args.seed)
@@ -240,78 +242,84 @@ def main(argv=None):
     train_transform = (eval_transform(args.img_size, args.crop_pct, stats) if args.cached_features
                        else per_image_transform(Augmentation(), args.img_size, stats))
     train_set, num_classes = build_dataset(args.data, args.data_root, train=True,
-                                           transform=train_transform, synthetic_size=args.img_size,
-                                           subset=args.subset, classes=args.classes)
+                                           transform=train_transform, subset=args.subset, classes=args.classes)
     val_set, _ = build_dataset(args.data, args.data_root, train=False,
-                               transform=eval_transform(args.img_size, args.crop_pct, stats), synthetic_size=args.img_size,
+                               transform=eval_transform(args.img_size, args.crop_pct, stats),
                                subset=args.val_subset, classes=args.classes)
     val_loader = build_loader(val_set, args.batch_size, train=False, num_workers=args.num_workers,
-                              device=run.device, rank=run.rank, world_size=run.world_size)
+                              device=procs.device, rank=procs.rank, world_size=procs.world_size)
 
     # model -----------------------------------------------------------------------------------------
-    model = build_probe(args, num_classes).to(run.device)
+    model = build_probe(args, num_classes).to(procs.device)
     if args.eval_only:
-        evaluate_checkpoint(model, args.init, val_loader, len(val_set), run, args)
-        run.close()
+        evaluate_checkpoint(model, args.init, val_loader, len(val_set), procs, args)
+        procs.close()
         return
     if args.init and not args.resume:      # a resumed run's checkpoint holds the encoder already
         report = load_pretrained(model, args.init, allow_new=('head.', 'fc_norm.', 'norm.'))
-        if run.is_main:
+        if procs.is_main:
             print(f"init from {args.init}: {report.summary()}")
-    elif not args.init and run.is_main:
+    elif not args.init and procs.is_main:
         print("no --init: probing a randomly initialised encoder (the baseline)")
 
     # optimizer: LARS on the head only --------------------------------------------------------------
-    effective_batch = args.batch_size * args.accum_iter * run.world_size
+    effective_batch = args.batch_size * args.accum_iter * procs.world_size
     if args.lr is None and args.blr is None:
         lr = PROTOCOL_LR
-        if run.is_main:
+        if procs.is_main:
             print(f"lr {PROTOCOL_LR:g}: the protocol's LARS lr, kept at any batch size (pass --blr 0.1 to "
                   f"scale it with the batch as official MAE)", flush=True)
     else:
         lr = args.lr if args.lr is not None else args.blr * effective_batch / 256   # the linear scaling rule
+    lr_at = warmup_cosine(lr, args.min_lr, args.warmup_epochs, args.epochs)
     optimizer = LARS(model.head.parameters(), lr=lr, weight_decay=args.weight_decay)
     start_epoch, _ = resume_checkpoint(args.resume, STAGE, optimizer, model=model)
 
     if args.cached_features:
         # the encoder never runs again: the head alone is the classifier of cached features, fed in
         # the image loader's sampler order, so it sees the very batches of the full protocol
-        features = cached_features(model.eval(), train_set, val_set, run, args)
+        features = cached_features(model.eval(), train_set, val_set, procs, args)
         knn = knn_top1(features['train'], features['train_labels'], features['val'], features['val_labels'])
         print(f"kNN top-1 (k=20, cosine, T=0.07) of the cached features: {knn:.2f}", flush=True)
-        classifier = run.wrap(model.head, args.compile, args.compile_mode)
+        classifier = compile_and_wrap(model.head, procs, args.compile, args.compile_mode)
         loader = TensorBatches(features['train'], features['train_labels'], args.batch_size,
                                train=True, seed=args.seed)
         val_loader = TensorBatches(features['val'], features['val_labels'], args.batch_size, train=False)
     else:
-        classifier = run.wrap(model, args.compile, args.compile_mode)
+        classifier = compile_and_wrap(model, procs, args.compile, args.compile_mode)
         loader = build_loader(train_set, args.batch_size, train=True, num_workers=args.num_workers,
-                              device=run.device, seed=args.seed, rank=run.rank,
-                              world_size=run.world_size)
+                              device=procs.device, seed=args.seed, rank=procs.rank,
+                              world_size=procs.world_size)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    run.announce(model, lr, effective_batch,
-                 f" | frozen encoder {frozen / 1e6:.2f}M params, feature {args.feature}, "
-                 f"{'cached features' if args.cached_features else 'full protocol'} | "
-                 f"{len(train_set)} images, {len(loader)} steps/epoch")
-    log = prepare_output(run, args, start_epoch)
+    out = Path(args.output_dir)
+    announce(procs, model, lr, effective_batch, out,
+             f" | frozen encoder {frozen / 1e6:.2f}M params, feature {args.feature}, "
+             f"{'cached features' if args.cached_features else 'full protocol'} | "
+             f"{len(train_set)} images, {len(loader)} steps/epoch")
+    log = prepare_output(out, args, start_epoch, procs.is_main)
 
     # the loop --------------------------------------------------------------------------------------
     # cached epochs take less time than writing the encoder to disk: save ten times a run
     save_every = max(1, args.epochs // 10) if args.cached_features else 1
+
+    def losses(inputs, labels, epoch_frac):      # images, or their cached features
+        return probe_losses(classifier, inputs, labels)
+
     for epoch in range(start_epoch, args.epochs):
-        stats = train_one_epoch(classifier, loader, optimizer, lr, epoch, run, args, probe_losses)
+        stats = train_one_epoch(classifier, loader, optimizer, losses, lr_at, epoch, procs,
+                                accum_iter=args.accum_iter, amp=args.amp, seed=args.seed)
         stats.update({f'val_{name}': value for name, value in
-                      evaluate(classifier, val_loader, run, args.amp).items()})
+                      evaluate(classifier, val_loader, procs, args.amp).items()})
         if args.cached_features and epoch + 1 == args.epochs:
             stats['knn_top1'] = knn
-        if run.is_main:
+        if procs.is_main:
             append_log(log, {'epoch': epoch, **stats})
             if (epoch + 1) % save_every == 0 or epoch + 1 == args.epochs:
-                save_checkpoint(run.output_dir / 'checkpoint.pth', stage=STAGE, epoch=epoch,
+                save_checkpoint(out / 'checkpoint.pth', stage=STAGE, epoch=epoch,
                                 args=vars(args), model=model.state_dict(), optimizer=optimizer.state_dict())
             print(f"epoch {epoch}: loss {stats['loss']:.4f}, train top-1 {stats['train_top1']:.2f}, "
                   f"val top-1 {stats['val_top1']:.2f}, top-5 {stats['val_top5']:.2f}", flush=True)
-    run.close()
+    procs.close()
 
 
 if __name__ == '__main__':

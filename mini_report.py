@@ -2,7 +2,7 @@
 
     python mini_report.py runs/mini_paper
 
-Each of the paper's four claims (PAPER.md, "What the paper shows"; claim 2 twice when the run has
+Each of the paper's four claims (its abstract and Sec. 4-5; claim 2 twice when the run has
 MoCo v3, `mini_paper.sh --moco`: against supervised and against contrastive pre-training) becomes one
 comparison of two sets of numbers: `higher`, what the claim says should come out higher, and `lower`, one number per
 seed (claim 3: one per layer). The verdict follows from those numbers alone:

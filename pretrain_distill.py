@@ -22,7 +22,7 @@ Run `python pretrain_distill.py --help` for the flags; `--config configs/dmae_ti
 the paper's recipe, `configs/dmae_tiny_fashion_mnist_quick.yaml` a CPU one (its header says how to
 get the teacher).
 """
-import functools
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -30,8 +30,10 @@ import torch.nn.functional as F
 
 from data import normalization
 from pretrain_mae import MAE, build_mae, build_parser as build_mae_parser, pretrain_data, save_reconstruction_figure
-from training import (Run, RunError, adamw, append_log, parse_args, prepare_output, resume_checkpoint,
-                      run_main, save_checkpoint, seed_everything, train_one_epoch, weight_decay_groups)
+from operations import RunError, run_main
+from training import (Processes, adamw, announce, append_log, compile_and_wrap, parse_args, prepare_output,
+                      resume_checkpoint, save_checkpoint, seed_everything, train_one_epoch, warmup_cosine,
+                      weight_decay_groups)
 from vit import SIZES, CheckpointError, VisionTransformer, load_pretrained, vit
 
 STAGE = 'pretrain_distill'
@@ -213,12 +215,6 @@ def build_parser():
     return parser
 
 
-def dmae_losses(model, imgs, labels, at, mask_ratio):
-    """The loop's losses for one batch (training.train_one_epoch): MAE's, the distillation's, and
-    their sum 'loss' (DistilledMAE.forward); labels are not used."""
-    return model(imgs, mask_ratio=mask_ratio)
-
-
 def main(argv=None):
     args = parse_args(build_parser(), argv)
     if not 0 < args.mask_ratio < 1:
@@ -226,18 +222,18 @@ def main(argv=None):
     if not args.teacher:
         raise RunError("--teacher CKPT is required: a pre-trained MAE checkpoint (e.g. from pretrain_mae.py, "
                        "or the official MAE-Base), with --teacher-model its size")
-    run = Run(args)
+    procs = Processes(args.device)
     seed_everything(args.seed)
 
     # data: as pretrain_mae.py ---------------------------------------------------------------------
-    loader, shown_imgs = pretrain_data(args, run)
+    loader, shown_imgs = pretrain_data(args, procs)
 
     # model: student, teacher, adapters -------------------------------------------------------------
     student = build_mae(args.model, img_size=args.img_size, patch_size=args.patch_size,
                         norm_pix_loss=args.norm_pix_loss)
     if args.init:
         report = load_pretrained(student, args.init, allow_new=('decoder', 'mask_token'))
-        if run.is_main:
+        if procs.is_main:
             print(f"init from {args.init}: {report.summary()}")
     teacher = build_teacher(args.teacher_model, args.teacher, args.img_size, args.patch_size)
     attn_pairs = layer_pairs(args.distill_layers, student.depth, teacher.depth)
@@ -245,13 +241,13 @@ def main(argv=None):
     if not attn_pairs:
         raise RunError("--distill-layers is empty: D-MAE distils at least one block's attention (paper: -1)")
     model = DistilledMAE(student, teacher, attn_pairs, hidden_pairs, args.alpha,
-                         args.alpha_hidden).to(run.device)
-    losses_of = functools.partial(dmae_losses, mask_ratio=args.mask_ratio)    # what the loop minimises
+                         args.alpha_hidden).to(procs.device)
 
     # optimizer: student and adapters (the frozen teacher and pos-embeds are left out) ----------------
-    effective_batch = args.batch_size * args.accum_iter * run.world_size
+    effective_batch = args.batch_size * args.accum_iter * procs.world_size
     lr = args.lr if args.lr is not None else args.blr * effective_batch / 256   # the linear scaling rule
-    optimizer = adamw(weight_decay_groups(model, args.weight_decay), lr, (0.9, 0.95), run.device)
+    lr_at = warmup_cosine(lr, args.min_lr, args.warmup_epochs, args.epochs)
+    optimizer = adamw(weight_decay_groups(model, args.weight_decay), lr, (0.9, 0.95), procs.device)
     try:
         start_epoch, _ = resume_checkpoint(args.resume, STAGE, optimizer, model=model.student,
                                            adapter=model.adapters)
@@ -259,30 +255,36 @@ def main(argv=None):
         raise RunError(f"--resume {args.resume} was distilled at other layers than --distill-layers "
                        f"{args.distill_layers} / --distill-hidden '{args.distill_hidden}'; keep its "
                        f"layers") from None
-    train_model = run.wrap(model, args.compile, args.compile_mode)
+    train_model = compile_and_wrap(model, procs, args.compile, args.compile_mode)
     teacher_params = sum(p.numel() for p in teacher.parameters())
-    run.announce(model, lr, effective_batch, f" | teacher {args.teacher_model} ({teacher_params / 1e6:.1f}M, frozen) "
-                        f"{args.teacher} | attention pairs (student, teacher) {attn_pairs}"
-                        f"{f' | hidden pairs {hidden_pairs}' if hidden_pairs else ''}"
-                        f" | {len(loader.sampler) * run.world_size} images, {len(loader)} steps/epoch")
-    log = prepare_output(run, args, start_epoch)
+    out = Path(args.output_dir)
+    announce(procs, model, lr, effective_batch, out,
+             f" | teacher {args.teacher_model} ({teacher_params / 1e6:.1f}M, frozen) "
+             f"{args.teacher} | attention pairs (student, teacher) {attn_pairs}"
+             f"{f' | hidden pairs {hidden_pairs}' if hidden_pairs else ''}"
+             f" | {len(loader.sampler) * procs.world_size} images, {len(loader)} steps/epoch")
+    log = prepare_output(out, args, start_epoch, procs.is_main)
 
     # the loop --------------------------------------------------------------------------------------
+    def losses(imgs, labels, epoch_frac):    # MAE's loss + the distillation's (DistilledMAE.forward)
+        return train_model(imgs, mask_ratio=args.mask_ratio)
+
     for epoch in range(start_epoch, args.epochs):
-        stats = train_one_epoch(train_model, loader, optimizer, lr, epoch, run, args, losses_of)
-        if run.is_main:
+        stats = train_one_epoch(train_model, loader, optimizer, losses, lr_at, epoch, procs,
+                                accum_iter=args.accum_iter, amp=args.amp, seed=args.seed)
+        if procs.is_main:
             append_log(log, {'epoch': epoch, **stats})
-            save_checkpoint(run.output_dir / 'checkpoint.pth', stage=STAGE, epoch=epoch, args=vars(args),
+            save_checkpoint(out / 'checkpoint.pth', stage=STAGE, epoch=epoch, args=vars(args),
                             model=model.student.state_dict(), adapter=model.adapters.state_dict(),
                             optimizer=optimizer.state_dict())
-            save_reconstruction_figure(model.student, shown_imgs, run.output_dir / 'reconstruction.png',
+            save_reconstruction_figure(model.student, shown_imgs, out / 'reconstruction.png',
                                        f"D-MAE {args.model} from {args.teacher_model}, epoch {epoch}, "
                                        f"MAE loss {stats['mae_loss']:.3f}", normalization(args.data),
                                        args.mask_ratio)
             print(f"epoch {epoch}: MAE loss {stats['mae_loss']:.4f}, distill loss "
                   f"{stats['distill_loss']:.4f}, {stats['img_per_s']:.0f} img/s, "
-                  f"checkpoint {run.output_dir / 'checkpoint.pth'}", flush=True)
-    run.close()
+                  f"checkpoint {out / 'checkpoint.pth'}", flush=True)
+    procs.close()
 
 
 if __name__ == '__main__':

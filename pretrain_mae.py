@@ -12,19 +12,21 @@ Run `python pretrain_mae.py --help` for the flags; `--config configs/mae_tiny_im
 paper's 400-epoch ImageNet recipe, `--config configs/mae_tiny_fashion_mnist_quick.yaml` a laptop one.
 """
 import argparse
-import functools
 import os
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 from einops import rearrange
 
-from data import (Augmentation, DeviceLoader, build_dataset, build_loader, decode_to_tensor,
-                  eval_transform, normalization, per_image_transform)
-from training import (Run, RunError, add_common_args, adamw, append_log, parse_args, prepare_output,
-                      resume_checkpoint, run_main, save_checkpoint, seed_everything, train_one_epoch,
-                      weight_decay_groups)
-from vit import MAE_DECODERS, SIZES, Block, VisionTransformer, gather_tokens, load_pretrained, sincos_pos_embed
+from data import Augmentation, build_dataset, build_loader, eval_transform, normalization, per_image_transform
+from data_in_memory import in_memory_loader
+from operations import RunError, run_main
+from training import (Processes, add_common_args, adamw, announce, append_log, compile_and_wrap, parse_args,
+                      prepare_output, resume_checkpoint, save_checkpoint, seed_everything, train_one_epoch,
+                      warmup_cosine, weight_decay_groups)
+from vit import (MAE_DECODERS, SIZES, Block, CheckpointError, VisionTransformer, encoder_geometry, gather_tokens,
+                 load_pretrained, mae_state_dict, read_checkpoint, sincos_pos_embed)
 
 STAGE = 'pretrain_mae'
 
@@ -134,6 +136,33 @@ class MAE(VisionTransformer):
         pred = self.forward_decoder(latent, restore_idx)
         return self.forward_loss(imgs, pred, mask), pred, mask
 
+    @classmethod
+    def from_checkpoint(cls, path, img_size=None, norm_pix_loss=None):
+        """An MAE with its decoder from a pre-training checkpoint: ours, official MAE or MAE-Lite
+        (vit.mae_state_dict). The size, patch size and native image size (img_size=None) are read
+        from the weights (vit.encoder_geometry); norm_pix_loss from our saved args, else as given
+        (default on, as MAE-Lite trains). Both position tables are fixed sin-cos functions of the
+        grid, so they are rebuilt for the image size rather than loaded."""
+        ckpt = read_checkpoint(path)
+        state = mae_state_dict(ckpt, path)
+        size, patch_size, native_img_size = encoder_geometry(state, path)
+        state.pop('pos_embed')
+        state.pop('decoder_pos_embed', None)
+        saved_args = ckpt['args'] if isinstance(ckpt.get('args'), dict) else {}
+        if norm_pix_loss is None:
+            norm_pix_loss = saved_args.get('norm_pix_loss', True)
+        model = cls(**SIZES[size], **MAE_DECODERS[size], img_size=img_size or native_img_size,
+                    patch_size=patch_size, norm_pix_loss=norm_pix_loss)
+        own = model.state_dict()
+        wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+                 if k in own and v.shape != own[k].shape]
+        missing = [k for k in own if k not in state and k not in ('pos_embed', 'decoder_pos_embed')]
+        if wrong or missing:
+            raise CheckpointError(f"{path} does not fit {size}'s MAE: "
+                                  f"{'; '.join(wrong[:3] + [f'missing {k}' for k in missing[:3]])}")
+        model.load_state_dict(state, strict=False)
+        return model
+
 
 def build_mae(size, **kwargs):
     """The MAE of a size in vit.SIZES with its decoder from vit.MAE_DECODERS (ViT-Tiny: MAE-Lite's
@@ -156,30 +185,24 @@ def build_parser():
     return parser
 
 
-def mae_losses(model, imgs, labels, at, mask_ratio):
-    """The loop's losses for one batch (training.train_one_epoch): MAE's loss; labels are not used."""
-    loss, _, _ = model(imgs, mask_ratio=mask_ratio)
-    return {'loss': loss}
-
-
-def pretrain_data(args, run):
+def pretrain_data(args, procs):
     """The training loader (MAE's augmentation) and 6 validation images for the reconstruction figure;
     shared with pretrain_distill.py. The labels are never used (--classes only picks the images)."""
     augmentation = Augmentation(min_scale=args.min_crop_scale)      # crop + flip, nothing else
     stats = normalization(args.data)
-    if args.data_on_device:     # small data sets: decoded once, augmented in batches on the device
-        images, labels, _ = decode_to_tensor(args.data, args.data_root, True, args.img_size,
-                                             subset=args.subset, classes=args.classes, device=run.device)
-        loader = DeviceLoader(images, labels, args.batch_size, train=True, augmentation=augmentation,
-                              stats=stats, seed=args.seed, rank=run.rank, world_size=run.world_size)
+    if args.data_on_device:     # a speed path for small data sets (data_in_memory.py)
+        loader, _, _ = in_memory_loader(args.data, args.data_root, True, args.img_size, args.batch_size,
+                                        augmentation, stats, subset=args.subset, classes=args.classes,
+                                        device=procs.device, seed=args.seed, rank=procs.rank,
+                                        world_size=procs.world_size)
     else:
-        dataset, _ = build_dataset(args.data, args.data_root, train=True,
-                                   transform=per_image_transform(augmentation, args.img_size, stats),
-                                   synthetic_size=args.img_size, subset=args.subset, classes=args.classes)
+        dataset, _ = build_dataset(args.data, args.data_root, train=True, subset=args.subset,
+                                   classes=args.classes,
+                                   transform=per_image_transform(augmentation, args.img_size, stats))
         loader = build_loader(dataset, args.batch_size, train=True, num_workers=args.num_workers,
-                              device=run.device, seed=args.seed, rank=run.rank, world_size=run.world_size)
+                              device=procs.device, seed=args.seed, rank=procs.rank, world_size=procs.world_size)
     shown, _ = build_dataset(args.data, args.data_root, train=False, classes=args.classes,
-                             transform=eval_transform(args.img_size, stats=stats), synthetic_size=args.img_size)
+                             transform=eval_transform(args.img_size, stats=stats))
     shown_imgs = torch.stack([shown[i][0] for i in range(min(6, len(shown)))])  # (6, 3, H, W)
     return loader, shown_imgs
 
@@ -188,42 +211,48 @@ def main(argv=None):
     args = parse_args(build_parser(), argv)
     if not 0 < args.mask_ratio < 1:
         raise RunError(f"--mask-ratio must be in (0, 1), got {args.mask_ratio}")
-    run = Run(args)
+    procs = Processes(args.device)
     seed_everything(args.seed)
 
     # data ------------------------------------------------------------------------------------------
-    loader, shown_imgs = pretrain_data(args, run)
+    loader, shown_imgs = pretrain_data(args, procs)
 
     # model and optimizer ---------------------------------------------------------------------------
     model = build_mae(args.model, img_size=args.img_size, patch_size=args.patch_size,
-                      norm_pix_loss=args.norm_pix_loss).to(run.device)
+                      norm_pix_loss=args.norm_pix_loss).to(procs.device)
     if args.init:
         report = load_pretrained(model, args.init, allow_new=('decoder', 'mask_token'))
-        if run.is_main:
+        if procs.is_main:
             print(f"init from {args.init}: {report.summary()}")
-    effective_batch = args.batch_size * args.accum_iter * run.world_size
+    effective_batch = args.batch_size * args.accum_iter * procs.world_size
     lr = args.lr if args.lr is not None else args.blr * effective_batch / 256   # the linear scaling rule
-    optimizer = adamw(weight_decay_groups(model, args.weight_decay), lr, (0.9, 0.95), run.device)
+    lr_at = warmup_cosine(lr, args.min_lr, args.warmup_epochs, args.epochs)
+    optimizer = adamw(weight_decay_groups(model, args.weight_decay), lr, (0.9, 0.95), procs.device)
     start_epoch, _ = resume_checkpoint(args.resume, STAGE, optimizer, model=model)
-    train_model = run.wrap(model, args.compile, args.compile_mode)
-    run.announce(model, lr, effective_batch,
-                 f" | {len(loader.sampler) * run.world_size} images, {len(loader)} steps/epoch")
-    log = prepare_output(run, args, start_epoch)
+    train_model = compile_and_wrap(model, procs, args.compile, args.compile_mode)
+    out = Path(args.output_dir)
+    announce(procs, model, lr, effective_batch, out,
+             f" | {len(loader.sampler) * procs.world_size} images, {len(loader)} steps/epoch")
+    log = prepare_output(out, args, start_epoch, procs.is_main)
 
     # the loop --------------------------------------------------------------------------------------
-    losses_of = functools.partial(mae_losses, mask_ratio=args.mask_ratio)
+    def losses(imgs, labels, epoch_frac):       # MAE's loss on a batch; the labels are not used
+        loss, _, _ = train_model(imgs, mask_ratio=args.mask_ratio)
+        return {'loss': loss}
+
     for epoch in range(start_epoch, args.epochs):
-        stats = train_one_epoch(train_model, loader, optimizer, lr, epoch, run, args, losses_of)
-        if run.is_main:
+        stats = train_one_epoch(train_model, loader, optimizer, losses, lr_at, epoch, procs,
+                                accum_iter=args.accum_iter, amp=args.amp, seed=args.seed)
+        if procs.is_main:
             append_log(log, {'epoch': epoch, **stats})
-            save_checkpoint(run.output_dir / 'checkpoint.pth', stage=STAGE, epoch=epoch, args=vars(args),
+            save_checkpoint(out / 'checkpoint.pth', stage=STAGE, epoch=epoch, args=vars(args),
                             model=model.state_dict(), optimizer=optimizer.state_dict())
-            save_reconstruction_figure(model, shown_imgs, run.output_dir / 'reconstruction.png',
+            save_reconstruction_figure(model, shown_imgs, out / 'reconstruction.png',
                                        f"MAE {args.model}, epoch {epoch}, loss {stats['loss']:.3f}",
                                        normalization(args.data), args.mask_ratio)
             print(f"epoch {epoch}: loss {stats['loss']:.4f}, {stats['img_per_s']:.0f} img/s, "
-                  f"checkpoint {run.output_dir / 'checkpoint.pth'}", flush=True)
-    run.close()
+                  f"checkpoint {out / 'checkpoint.pth'}", flush=True)
+    procs.close()
 
 
 # --------------------------------------------------------------------------------------------------

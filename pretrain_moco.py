@@ -2,7 +2,7 @@
 (76.8 ImageNet top-1 after fine-tuning, against 78.0 from MAE).
 
 The method in five steps, each a function or method below:
-  1. two views:        each image is augmented twice, asymmetrically (BYOL's recipe, data.moco_views)
+  1. two views:        each image is augmented twice, asymmetrically (BYOL's recipe, `moco_views`)
   2. queries:          the base encoder (a ViT whose random patch projection stays frozen: `moco_vit`)
                        -> cls feature -> projector (3-layer MLP) -> predictor (2-layer MLP), per view
   3. update_momentum:  the momentum encoder and projector move towards the base ones,
@@ -21,20 +21,66 @@ analyze.py read it as they read any encoder; the heads and the momentum branch a
 """
 import argparse
 import copy
-import functools
 import math
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.transforms import v2
 
-from data import build_dataset, build_loader, moco_views, normalization
-from training import (Run, RunError, add_common_args, adamw, append_log, parse_args, prepare_output,
-                      resume_checkpoint, run_main, save_checkpoint, seed_everything, train_one_epoch)
+from data import IMAGENET_MEAN, IMAGENET_STD, build_dataset, build_loader, normalization, to_normalized_tensor
+from operations import RunError, run_main
+from training import (Processes, add_common_args, adamw, announce, append_log, compile_and_wrap, parse_args,
+                      prepare_output, resume_checkpoint, save_checkpoint, seed_everything, train_one_epoch,
+                      warmup_cosine)
 from vit import load_pretrained, sincos_pos_embed, vit
 
 STAGE = 'pretrain_moco'
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. The two views: BYOL's asymmetric augmentation, drawn image by image
+# --------------------------------------------------------------------------------------------------
+def byol_view(img_size, stats, blur_p, solarize_p, min_scale=0.08):
+    """One of BYOL's two augmentations (Grill et al. 2020) as MoCo v3 applies it, PIL image -> float
+    tensor (3, img_size, img_size), in this order: RandomResizedCrop (area share ~ U(min_scale, 1),
+    bilinear, as MoCo v3), colour jitter (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1) with
+    p 0.8, grayscale with p 0.2, Gaussian blur with p `blur_p`, solarize (values >= 128 inverted) with
+    p `solarize_p`, horizontal flip, normalisation with `stats`. The blur's sigma ~ U(0.1, 2.0) px
+    with a 23 px kernel at 224 px, both scaled with the image size, so it blurs the same share of
+    any image."""
+    scale = img_size / 224
+    return v2.Compose([
+        v2.RGB(),
+        v2.RandomResizedCrop(img_size, scale=(min_scale, 1.0), antialias=True),
+        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+        v2.RandomGrayscale(p=0.2),
+        v2.RandomApply([v2.GaussianBlur(2 * round(11 * scale) + 1, sigma=(0.1 * scale, 2.0 * scale))],
+                       p=blur_p),
+        v2.RandomSolarize(threshold=128, p=solarize_p),
+        v2.RandomHorizontalFlip(),
+        *to_normalized_tensor(stats),
+    ])
+
+
+class TwoViews:
+    """Two augmentations of one image: PIL image -> (2, 3, H, W); the default collate makes a batch
+    of them (B, 2, 3, H, W)."""
+
+    def __init__(self, first, second):
+        self.first, self.second = first, second
+
+    def __call__(self, img):
+        return torch.stack([self.first(img), self.second(img)])
+
+
+def moco_views(img_size, stats=(IMAGENET_MEAN, IMAGENET_STD), min_scale=0.08):
+    """MoCo v3's asymmetric pair: the first view always blurred and never solarised, the second
+    blurred with p 0.1 and solarised with p 0.2 (BYOL's recipe)."""
+    return TwoViews(byol_view(img_size, stats, blur_p=1.0, solarize_p=0.0, min_scale=min_scale),
+                    byol_view(img_size, stats, blur_p=0.1, solarize_p=0.2, min_scale=min_scale))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -204,23 +250,21 @@ def compile_encoders(model, enabled, mode):
         model.momentum_encoder.compile(mode=mode)
 
 
-def moco_losses(model, views, labels, at, base_momentum, epochs, accum_iter):
-    """The loop's losses for one micro-batch (training.train_one_epoch): MoCo v3's loss with the
-    momentum of the fractional epoch `at`; labels are not used. The accum_iter micro-batches of one
-    optimizer step see the same base weights, so each moves the momentum branch with m^(1/accum_iter):
-    together exactly one update with m."""
-    momentum = momentum_at(at, base_momentum, epochs) ** (1 / accum_iter)
-    return {'loss': model(views, momentum)}
+def step_momentum(epoch_frac, base_momentum, epochs, accum_iter):
+    """The momentum of one micro-batch at the fractional epoch `epoch_frac`. The accum_iter
+    micro-batches of one optimizer step see the same base weights, so each moves the momentum branch
+    with m^(1/accum_iter): together exactly one update with m = momentum_at(epoch_frac)."""
+    return momentum_at(epoch_frac, base_momentum, epochs) ** (1 / accum_iter)
 
 
-def moco_data(args, run):
+def moco_data(args, procs):
     """The training loader: each image as its two views, batches (B, 2, 3, H, W). The labels are never
     used (--classes only picks the images)."""
     views = moco_views(args.img_size, normalization(args.data), args.min_crop_scale)
     dataset, _ = build_dataset(args.data, args.data_root, train=True, transform=views,
-                               synthetic_size=args.img_size, subset=args.subset, classes=args.classes)
+                               subset=args.subset, classes=args.classes)
     return build_loader(dataset, args.batch_size, train=True, num_workers=args.num_workers,
-                        device=run.device, seed=args.seed, rank=run.rank, world_size=run.world_size)
+                        device=procs.device, seed=args.seed, rank=procs.rank, world_size=procs.world_size)
 
 
 def main(argv=None):
@@ -229,46 +273,51 @@ def main(argv=None):
         raise RunError(f"--moco-m must be in [0, 1], got {args.moco_m}")
     if args.moco_t <= 0:
         raise RunError(f"--moco-t must be positive, got {args.moco_t}")
-    run = Run(args)
+    procs = Processes(args.device)
     seed_everything(args.seed)
 
     # data ------------------------------------------------------------------------------------------
-    loader = moco_data(args, run)
+    loader = moco_data(args, procs)
 
     # model and optimizer ---------------------------------------------------------------------------
     encoder = moco_vit(args.model, args.img_size, args.patch_size)
     if args.init:
         report = load_pretrained(encoder, args.init)
-        if run.is_main:
+        if procs.is_main:
             print(f"init from {args.init}: {report.summary()}")
-    model = MoCo(encoder, args.mlp_dim, args.out_dim, args.moco_t).to(run.device)
-    if run.distributed and run.device.type == 'cuda':
+    model = MoCo(encoder, args.mlp_dim, args.out_dim, args.moco_t).to(procs.device)
+    if procs.distributed and procs.device.type == 'cuda':
         # the heads normalise over the global batch, as MoCo v3 (SyncBatchNorm runs on GPUs only: CPU
         # processes normalise their own batch)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    effective_batch = args.batch_size * args.accum_iter * run.world_size
+    effective_batch = args.batch_size * args.accum_iter * procs.world_size
     lr = args.lr if args.lr is not None else args.blr * effective_batch / 256   # the linear scaling rule
-    optimizer = moco_optimizer(model, lr, args.weight_decay, run.device)
+    lr_at = warmup_cosine(lr, args.min_lr, args.warmup_epochs, args.epochs)
+    optimizer = moco_optimizer(model, lr, args.weight_decay, procs.device)
     start_epoch, _ = resume_checkpoint(args.resume, STAGE, optimizer, **model.parts())
     compile_encoders(model, args.compile, args.compile_mode)
-    train_model = run.wrap(model, compile=False)
-    run.announce(model, lr, effective_batch,
-                 f" | {len(loader.sampler) * run.world_size} images, {len(loader)} steps/epoch")
-    log = prepare_output(run, args, start_epoch)
+    train_model = compile_and_wrap(model, procs, compile=False)
+    out = Path(args.output_dir)
+    announce(procs, model, lr, effective_batch, out,
+             f" | {len(loader.sampler) * procs.world_size} images, {len(loader)} steps/epoch")
+    log = prepare_output(out, args, start_epoch, procs.is_main)
 
     # the loop --------------------------------------------------------------------------------------
-    losses_of = functools.partial(moco_losses, base_momentum=args.moco_m, epochs=args.epochs,
-                                  accum_iter=args.accum_iter)
+    def losses(views, labels, epoch_frac):        # MoCo v3's loss; the labels are not used
+        momentum = step_momentum(epoch_frac, args.moco_m, args.epochs, args.accum_iter)
+        return {'loss': train_model(views, momentum)}
+
     for epoch in range(start_epoch, args.epochs):
-        stats = train_one_epoch(train_model, loader, optimizer, lr, epoch, run, args, losses_of)
-        if run.is_main:
+        stats = train_one_epoch(train_model, loader, optimizer, losses, lr_at, epoch, procs,
+                                accum_iter=args.accum_iter, amp=args.amp, seed=args.seed)
+        if procs.is_main:
             append_log(log, {'epoch': epoch, **stats})
-            save_checkpoint(run.output_dir / 'checkpoint.pth', stage=STAGE, epoch=epoch, args=vars(args),
+            save_checkpoint(out / 'checkpoint.pth', stage=STAGE, epoch=epoch, args=vars(args),
                             optimizer=optimizer.state_dict(),
                             **{name: part.state_dict() for name, part in model.parts().items()})
             print(f"epoch {epoch}: loss {stats['loss']:.4f}, {stats['img_per_s']:.0f} img/s, "
-                  f"checkpoint {run.output_dir / 'checkpoint.pth'}", flush=True)
-    run.close()
+                  f"checkpoint {out / 'checkpoint.pth'}", flush=True)
+    procs.close()
 
 
 if __name__ == '__main__':

@@ -1,16 +1,15 @@
-"""The plumbing every training script shares, and nothing else: flags and YAML configs, distributed
-set-up, seeding, the warmup-cosine schedule, AdamW groups, AMP/compile, the one training loop (each
-stage hands it a function that returns its losses for a batch), the one evaluation of a classifier,
-atomic checkpoints, the metrics log, and the one-line error report. No model or algorithm code lives
-here: the losses stay in the stages."""
+"""The plumbing every training script shares, and nothing else: flags and YAML configs, this process's
+place in a torchrun job, seeding, the warmup-cosine schedule, AdamW groups, AMP/compile, the one
+training loop (each stage hands it a function that returns its losses for a batch), the one evaluation
+of a classifier, atomic checkpoints and the metrics log. No model or algorithm code lives here: the
+losses stay in the stages. What only keeps runs alive (one-line errors, SIGTERM, restarts) is in
+operations.py."""
 import argparse
 import contextlib
 import json
 import math
 import os
 import random
-import signal
-import sys
 import time
 from pathlib import Path
 
@@ -21,52 +20,8 @@ import yaml
 from tqdm import tqdm
 from torch.nn.parallel import DistributedDataParallel
 
-from data import DataError
-from vit import SIZES, CheckpointError, load_pretrained, read_checkpoint
-
-
-class RunError(Exception):
-    """A problem with the run's input or state (bad config, wrong checkpoint, non-finite loss)."""
-
-
-USER_ERRORS = (RunError, DataError, CheckpointError)
-
-
-class Terminated(Exception):
-    """SIGTERM: what a scheduler or torchrun sends before it stops a job."""
-    received = False
-
-
-def raise_terminated(signum, frame):
-    Terminated.received = True
-    raise Terminated()
-
-
-def run_main(main):
-    """Call main(); a user-facing error becomes one line on stderr and exit code 2, no traceback.
-    SIGTERM stops the run at once with one line and exit code 143 (128 + 15); checkpoints are written
-    to a temporary file and renamed, so the last one is intact."""
-    signal.signal(signal.SIGTERM, raise_terminated)
-    try:
-        main()
-    except USER_ERRORS as e:
-        # an error raised in a DataLoader worker arrives wrapped with the worker's traceback: its
-        # last line holds our message
-        message = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        message = message.split(f"{type(e).__name__}: ", 1)[-1]
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted; the last checkpoint is intact", file=sys.stderr)
-        sys.exit(130)
-    except Exception:
-        if not Terminated.received:
-            raise
-        # what SIGTERM interrupted (a collective whose peer is gone, DataLoader workers stopped by
-        # the same signal) may fail with its own error after ours: the cause is still the SIGTERM
-        print("stopped by SIGTERM; the last checkpoint is intact: the same command with --resume auto "
-              "continues from it", file=sys.stderr)
-        sys.exit(143)
+from operations import RunError, attempt_store, resume_path
+from vit import SIZES, load_pretrained, read_checkpoint
 
 
 # --------------------------------------------------------------------------------------------------
@@ -174,19 +129,6 @@ def parse_args(parser, argv=None):
     return args
 
 
-def resume_path(resume, output_dir):
-    """The checkpoint to resume from: --resume PATH as given; with 'auto', OUTPUT_DIR/checkpoint.pth
-    when it exists, else None (a fresh start), said in one line. One command then serves the first
-    start and every restart (torchrun --max-restarts, a scheduler, a crash)."""
-    if resume != 'auto':
-        return resume
-    path = Path(output_dir) / 'checkpoint.pth'
-    if int(os.environ.get('RANK', 0)) == 0:
-        print(f"--resume auto: {f'continuing from {path}' if path.exists() else f'no {path} yet, starting fresh'}",
-              flush=True)
-    return str(path) if path.exists() else None
-
-
 def read_config(parser, path):
     """YAML of flag defaults; keys may use - or _. An unknown key is an error, not silently ignored."""
     try:
@@ -207,55 +149,32 @@ def read_config(parser, path):
 
 
 # --------------------------------------------------------------------------------------------------
-# Devices, processes, seeds
+# This process's device and its place in the job; seeds
 # --------------------------------------------------------------------------------------------------
-class Run:
-    """Where this process runs: device, rank and world size (torchrun sets RANK/WORLD_SIZE), and the
-    process group when there are several processes."""
+class Processes:
+    """This process's device, rank and world size (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK), and
+    the process group when the job has several processes (nccl on CUDA, gloo on CPU)."""
 
-    def __init__(self, args):
+    def __init__(self, device):
         self.distributed = 'RANK' in os.environ and int(os.environ.get('WORLD_SIZE', 1)) > 1
         self.rank = int(os.environ.get('RANK', 0))
         self.world_size = int(os.environ.get('WORLD_SIZE', 1))
         self.local_rank = int(os.environ.get('LOCAL_RANK', 0))
-        if args.device.startswith('cuda') and not torch.cuda.is_available():
+        if device.startswith('cuda') and not torch.cuda.is_available():
             raise RunError("--device cuda but no CUDA device is visible: pass --device cpu")
-        if args.device == 'cuda':
+        if device == 'cuda':
             self.device = torch.device('cuda', self.local_rank)
             torch.cuda.set_device(self.device)
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         else:
-            self.device = torch.device(args.device)
+            self.device = torch.device(device)
         if self.distributed:
             dist.init_process_group('nccl' if self.device.type == 'cuda' else 'gloo', store=attempt_store(),
                                     rank=self.rank, world_size=self.world_size)
         self.is_main = self.rank == 0
-        self.output_dir = Path(args.output_dir)
 
-    def announce(self, model, lr, effective_batch, extra=''):
-        """The one line a run starts with."""
-        params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        if self.is_main:
-            print(f"device {self.device} x {self.world_size} | "
-                  f"{f'{params / 1e6:.2f}M' if params >= 100_000 else f'{params:,}'} trainable params | "
-                  f"effective batch {effective_batch} | lr {lr:.3g} | output {self.output_dir}{extra}",
-                  flush=True)
-
-    def autocast(self, enabled):
-        """bf16 autocast (no loss scaler needed, unlike fp16)."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
-
-    def wrap(self, model, compile, mode='default'):
-        """torch.compile, then DDP (the order nanoGPT uses)."""
-        if compile:
-            model = torch.compile(model, mode=mode)
-        if self.distributed:
-            ids = [self.device.index] if self.device.type == 'cuda' else None
-            model = DistributedDataParallel(model, device_ids=ids)
-        return model
-
-    def mean_over_processes(self, value):
+    def mean(self, value):
         """Average a float over all processes (for the epoch's logged metrics)."""
         if not self.distributed:
             return value
@@ -263,7 +182,7 @@ class Run:
         dist.all_reduce(t)
         return t.item() / self.world_size
 
-    def sum_over_processes(self, tensor):
+    def sum(self, tensor):
         if self.distributed:
             dist.all_reduce(tensor)
         return tensor
@@ -273,19 +192,28 @@ class Run:
             dist.destroy_process_group()
 
 
-def attempt_store():
-    """The store the process group meets in: torchrun's (env://), with its keys prefixed by the restart
-    attempt when one torchrun agent shares its store with every attempt (its default). Without the
-    prefix a restarted process can read a peer's address left by the attempt before, and connect to
-    a dead socket (init_process_group fails) or to one that an orphaned DataLoader worker of the
-    killed process still holds (it hangs); pytorch/pytorch#135712. Agents on several nodes count
-    restarts each on their own, so there the attempt is no common key: run them with
-    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, which gives every attempt a fresh store."""
-    store, _, _ = next(dist.rendezvous('env://'))
-    shared = os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True'
-    if shared and os.environ.get('GROUP_WORLD_SIZE', '1') == '1':
-        return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-    return store
+def announce(procs, model, lr, effective_batch, output_dir, extra=''):
+    """The one line a run starts with: device, trainable parameters, effective batch, lr, output."""
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if procs.is_main:
+        print(f"device {procs.device} x {procs.world_size} | "
+              f"{f'{params / 1e6:.2f}M' if params >= 100_000 else f'{params:,}'} trainable params | "
+              f"effective batch {effective_batch} | lr {lr:.3g} | output {output_dir}{extra}", flush=True)
+
+
+def autocast(device, enabled):
+    """bf16 autocast (no loss scaler needed, unlike fp16)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def compile_and_wrap(model, procs, compile, mode='default'):
+    """torch.compile, then DDP (the order nanoGPT uses)."""
+    if compile:
+        model = torch.compile(model, mode=mode)
+    if procs.distributed:
+        ids = [procs.device.index] if procs.device.type == 'cuda' else None
+        model = DistributedDataParallel(model, device_ids=ids)
+    return model
 
 
 def seed_everything(seed, epoch=0, rank=0):
@@ -307,13 +235,15 @@ def no_sync_unless(model, sync):
 # --------------------------------------------------------------------------------------------------
 # Optimisation
 # --------------------------------------------------------------------------------------------------
-def lr_at(epoch, lr, min_lr, warmup_epochs, epochs):
-    """Linear warmup from 0 for `warmup_epochs`, then half-cosine to `min_lr`. `epoch` is a float
-    (epoch + step / steps_per_epoch), so the schedule moves every iteration."""
-    if epoch < warmup_epochs:
-        return lr * epoch / warmup_epochs
-    progress = (epoch - warmup_epochs) / max(epochs - warmup_epochs, 1e-8)
-    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+def warmup_cosine(peak_lr, min_lr, warmup_epochs, epochs):
+    """-> lr_at(epoch_frac): linear warmup from 0 for `warmup_epochs`, then half-cosine to `min_lr`.
+    epoch_frac is epoch + step / steps_per_epoch, so the schedule moves every iteration."""
+    def lr_at(epoch_frac):
+        if epoch_frac < warmup_epochs:
+            return peak_lr * epoch_frac / warmup_epochs
+        progress = (epoch_frac - warmup_epochs) / max(epochs - warmup_epochs, 1e-8)
+        return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return lr_at
 
 
 def set_lr(optimizer, lr):
@@ -343,44 +273,45 @@ def adamw(groups, lr, betas, device):
 # --------------------------------------------------------------------------------------------------
 # The loop every stage trains with, and the evaluation of a classifier
 # --------------------------------------------------------------------------------------------------
-def train_one_epoch(model, loader, optimizer, peak_lr, epoch, run, args, losses_of, clip_grad=None):
-    """One pass over the loader: the warmup-cosine lr set at every optimizer step, gradient
-    accumulation over args.accum_iter micro-batches (DDP all-reduces on the last one only), bf16
-    autocast with args.amp, and gradient-norm clipping when clip_grad is given.
+def train_one_epoch(model, loader, optimizer, losses, lr_at, epoch, procs, *, accum_iter=1, amp=False,
+                    clip_grad=None, seed=0):
+    """One pass over the loader: lr_at(epoch_frac) set at every optimizer step, gradient accumulation
+    over `accum_iter` micro-batches (DDP all-reduces on the last one only), bf16 autocast with `amp`,
+    and gradient-norm clipping when `clip_grad` is given.
 
-    losses_of(model, inputs, labels, at) -> dict of 0-d tensors for one micro-batch, `at` being the
-    fractional epoch (epoch + step / steps): 'loss' is minimised; every entry, 'loss' included, is
-    averaged over the epoch into the returned log record (with the last lr, img/s and the time).
-    Masking, augmentation and the shuffle are seeded from (args.seed, epoch, rank) first."""
-    seed_everything(args.seed, epoch, run.rank)
+    losses(inputs, labels, epoch_frac) -> dict of 0-d tensors for one micro-batch, epoch_frac being
+    epoch + step / steps: 'loss' is minimised; every entry, 'loss' included, is averaged over the
+    epoch into the returned log record (with the last lr, img/s and the time). Masking, augmentation
+    and the shuffle are seeded from (seed, epoch, rank) first."""
+    seed_everything(seed, epoch, procs.rank)
     loader.sampler.set_epoch(epoch)
     model.train()
     optimizer.zero_grad(set_to_none=True)
     steps, lr, sums = len(loader), 0.0, {}
-    progress = EpochProgress(loader, epoch, run)
+    progress = EpochProgress(loader, epoch, procs)
     for step, (inputs, labels) in enumerate(progress):
-        at = epoch + step / steps
-        if step % args.accum_iter == 0:
-            lr = lr_at(at, peak_lr, args.min_lr, args.warmup_epochs, args.epochs)
+        epoch_frac = epoch + step / steps
+        if step % accum_iter == 0:
+            lr = lr_at(epoch_frac)
             set_lr(optimizer, lr)
-        inputs = inputs.to(run.device, non_blocking=True)   # (B, 3, H, W); two views (B, 2, 3, H, W); features (B, D)
-        labels = labels.to(run.device, non_blocking=True)   # (B,)
-        ends_accumulation = (step + 1) % args.accum_iter == 0
+        inputs = inputs.to(procs.device, non_blocking=True)   # (B, 3, H, W); two views (B, 2, 3, H, W); features (B, D)
+        labels = labels.to(procs.device, non_blocking=True)   # (B,)
+        ends_accumulation = (step + 1) % accum_iter == 0
         with no_sync_unless(model, ends_accumulation):
-            with run.autocast(args.amp):
-                losses = losses_of(model, inputs, labels, at)
-            (losses['loss'] / args.accum_iter).backward()
+            with autocast(procs.device, amp):
+                batch_losses = losses(inputs, labels, epoch_frac)
+            (batch_losses['loss'] / accum_iter).backward()
         if ends_accumulation:
             if clip_grad:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        for name, value in losses.items():           # summed on the device: no host sync per step
+        for name, value in batch_losses.items():     # summed on the device: no host sync per step
             sums[name] = sums.get(name, 0) + value.detach()
-        progress.images += len(labels) * run.world_size
+        progress.images += len(labels) * procs.world_size
         if progress.due(step):
             means = {name: total.item() / (step + 1) for name, total in sums.items()}   # a host sync
-            stop_if_diverged(means['loss'], epoch, step, run.output_dir)
+            stop_if_diverged(means['loss'], epoch, step)
             progress.show(means, lr)
     return progress.summary(sums, lr)
 
@@ -389,9 +320,9 @@ class EpochProgress:
     """The tqdm bar of one epoch: every `every` steps (and at the last) the running mean losses, the
     lr and img/s; `summary` makes the epoch's log record."""
 
-    def __init__(self, loader, epoch, run, every=20):
-        self.run, self.every, self.steps = run, every, len(loader)
-        self.bar = tqdm(loader, desc=f"epoch {epoch}", disable=not run.is_main, dynamic_ncols=True)
+    def __init__(self, loader, epoch, procs, every=20):
+        self.procs, self.every, self.steps = procs, every, len(loader)
+        self.bar = tqdm(loader, desc=f"epoch {epoch}", disable=not procs.is_main, dynamic_ncols=True)
         self.start = self.last_time = time.time()
         self.images = self.last_images = 0
 
@@ -411,41 +342,41 @@ class EpochProgress:
     def summary(self, sums, lr):
         """The epoch's line of log.jsonl: mean losses over all processes, lr, img/s, time."""
         elapsed = time.time() - self.start
-        return {**{name: self.run.mean_over_processes(total.item() / self.steps) for name, total in sums.items()},
+        return {**{name: self.procs.mean(total.item() / self.steps) for name, total in sums.items()},
                 'lr': lr, 'img_per_s': self.images / elapsed, 'epoch_time_s': elapsed}
 
 
-def stop_if_diverged(loss_value, epoch, step, output_dir):
+def stop_if_diverged(loss_value, epoch, step):
     """A NaN or infinite running loss stops the run with one line; the last checkpoint is intact."""
     if not math.isfinite(loss_value):
         raise RunError(f"loss is {loss_value} at epoch {epoch} step {step}: training diverged; "
                        f"lower --blr or raise --warmup-epochs, then --resume from the last good "
-                       f"checkpoint in {output_dir} (it is intact)")
+                       f"checkpoint in --output-dir (it is intact)")
 
 
 @torch.no_grad()
-def evaluate(model, loader, run, amp):
+def evaluate(model, loader, procs, amp):
     """A classifier's top-1 and top-5 accuracy (%) and mean cross-entropy over (inputs, labels)
     batches: the one evaluation of finetune.py and linear_probe.py. Under DDP the counts are summed
     over processes (the sampler pads each shard with a few repeated images, so a handful may count
     twice). -> {'top1', 'top5', 'loss'}"""
     model.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=run.device)  # top-1 hits, top-5 hits, loss, n
+    totals = torch.zeros(4, dtype=torch.float64, device=procs.device)  # top-1 hits, top-5 hits, loss, n
     for inputs, labels in loader:
-        inputs = inputs.to(run.device, non_blocking=True)           # (B, 3, H, W) or features (B, D)
-        labels = labels.to(run.device, non_blocking=True)           # (B,)
-        with run.autocast(amp):
+        inputs = inputs.to(procs.device, non_blocking=True)         # (B, 3, H, W) or features (B, D)
+        labels = labels.to(procs.device, non_blocking=True)         # (B,)
+        with autocast(procs.device, amp):
             logits = model(inputs).float()                          # (B, classes)
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, k), best first
         hits = top5 == labels[:, None]                              # (B, k)
         totals += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(),
                                F.cross_entropy(logits, labels, reduction='sum'),
-                               torch.tensor(len(labels), device=run.device)]).double()
-    top1_hits, top5_hits, loss_sum, n = run.sum_over_processes(totals).tolist()
+                               torch.tensor(len(labels), device=procs.device)]).double()
+    top1_hits, top5_hits, loss_sum, n = procs.sum(totals).tolist()
     return {'top1': 100 * top1_hits / n, 'top5': 100 * top5_hits / n, 'loss': loss_sum / n}
 
 
-def evaluate_checkpoint(model, path, loader, num_images, run, args):
+def evaluate_checkpoint(model, path, loader, num_images, procs, args):
     """--eval-only: load the classifier saved at `path`, head included (a checkpoint of this stage),
     evaluate it once and print one line."""
     report = load_pretrained(model, path)
@@ -453,10 +384,10 @@ def evaluate_checkpoint(model, path, loader, num_images, run, args):
         raise RunError(f"--eval-only needs a checkpoint of this stage with its head, but {path} lacks "
                        f"{', '.join(report.new)}: train one first, and pass the flags it was trained with "
                        f"(--config its config.yaml)")
-    result = evaluate(run.wrap(model, args.compile, args.compile_mode), loader, run, args.amp)
-    if run.is_main:
+    result = evaluate(compile_and_wrap(model, procs, args.compile, args.compile_mode), loader, procs, args.amp)
+    if procs.is_main:
         print(f"{path}: top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}% loss {result['loss']:.4f} "
-              f"on {num_images} images ({run.device} x {run.world_size})", flush=True)
+              f"on {num_images} images ({procs.device} x {procs.world_size})", flush=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -497,15 +428,16 @@ def resume_checkpoint(path, stage, optimizer, **parts):
     return ckpt['epoch'] + 1, ckpt
 
 
-def prepare_output(run, args, start_epoch):
+def prepare_output(output_dir, args, start_epoch, is_main):
     """On the main process: OUTPUT_DIR with config.yaml (the resolved flags) and log.jsonl, from
     which a resumed run first drops the lines of the epochs it will redo. -> the log's path on the
     main process, None on the others (one process writes)."""
-    if not run.is_main:
+    if not is_main:
         return None
-    run.output_dir.mkdir(parents=True, exist_ok=True)
-    write_atomically(run.output_dir / 'config.yaml', yaml.safe_dump(vars(args), sort_keys=False).encode())
-    log = run.output_dir / 'log.jsonl'
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_atomically(output_dir / 'config.yaml', yaml.safe_dump(vars(args), sort_keys=False).encode())
+    log = output_dir / 'log.jsonl'
     if log.exists():
         kept = [line for line in log.read_text().splitlines()
                 if line.strip() and json.loads(line).get('epoch', -1) < start_epoch]

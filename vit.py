@@ -9,8 +9,9 @@ Two things go beyond a classifier, for MAE and for the paper's analysis:
   * `encode(..., attn_layers=..., return_layers=True)` also returns the pre-softmax attention logits
     of the chosen blocks and every layer's normed input tokens.
 
-The bottom of the file loads checkpoints of every known layout (`load_pretrained`, and `load_mae`
-for an MAE with its decoder); `SIZES` is the one table of model sizes.
+The bottom of the file reads checkpoints of every known layout (`load_pretrained` for an encoder,
+`mae_state_dict` for an MAE with its decoder); `SIZES` is the one table of model sizes. vit.py
+imports nothing from this project, so it can be copied into another one.
 """
 import math
 from typing import NamedTuple
@@ -350,34 +351,14 @@ def encoder_geometry(state, path):
     return widths[width], patch_size, grid * patch_size
 
 
-def load_mae(path, img_size=None, norm_pix_loss=None):
-    """An MAE with its decoder from a pre-training checkpoint: ours, official MAE ({'model': sd}) or
-    MAE-Lite ('module.model.' keys). The size, patch size and native image size (img_size=None) are
-    read from the weights (encoder_geometry); norm_pix_loss from our saved args, else as given
-    (default on, as MAE-Lite trains). Both position tables are fixed sin-cos functions of the grid,
-    so they are rebuilt for the image size rather than loaded."""
-    from pretrain_mae import build_mae      # the MAE lives with its training script (no import cycle)
-    ckpt = read_checkpoint(path)
-    ckpt = ckpt if isinstance(ckpt, dict) else {}
+def mae_state_dict(checkpoint, path):
+    """The state dict of an MAE with its decoder from any known pre-training checkpoint: ours,
+    official MAE ({'model': sd}) or MAE-Lite ('module.model.' keys). pretrain_mae.MAE.from_checkpoint
+    builds the MAE around it."""
+    checkpoint = checkpoint if isinstance(checkpoint, dict) else {}
     state = {k.removeprefix('module.').removeprefix('model.'): v
-             for k, v in ckpt.get('model', ckpt).items() if isinstance(v, torch.Tensor)}
+             for k, v in checkpoint.get('model', checkpoint).items() if isinstance(v, torch.Tensor)}
     if 'decoder_pred.weight' not in state:
         raise CheckpointError(f"{path} holds no MAE with its decoder: pass a pre-training checkpoint "
                               f"that keeps it (ours, MAE-Lite's, or official MAE's visualisation ones)")
-    size, patch_size, native_img_size = encoder_geometry(state, path)
-    state.pop('pos_embed')
-    state.pop('decoder_pos_embed', None)
-    saved_args = ckpt['args'] if isinstance(ckpt.get('args'), dict) else {}
-    if norm_pix_loss is None:
-        norm_pix_loss = saved_args.get('norm_pix_loss', True)
-    model = build_mae(size, img_size=img_size or native_img_size, patch_size=patch_size,
-                      norm_pix_loss=norm_pix_loss)
-    own = model.state_dict()
-    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
-             if k in own and v.shape != own[k].shape]
-    missing = [k for k in own if k not in state and k not in ('pos_embed', 'decoder_pos_embed')]
-    if wrong or missing:
-        raise CheckpointError(f"{path} does not fit {size}'s MAE: "
-                              f"{'; '.join(wrong[:3] + [f'missing {k}' for k in missing[:3]])}")
-    model.load_state_dict(state, strict=False)
-    return model
+    return state

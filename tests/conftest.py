@@ -16,13 +16,19 @@ torch.set_num_threads(2)
 import data  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'ops: operations, not the method: restarts, SIGTERM, resuming a killed '
+                                       'run, several processes, the end-to-end scripts. `pytest -m "not ops"` '
+                                       'runs the specification alone')
+
+
 @pytest.fixture(scope='session')
 def fashion_root(tmp_path_factory):
     """A --data-root holding real Fashion-MNIST: unpacked from Debian's dataset-fashion-mnist when
     installed, else downloaded once by torchvision to data/ (needs internet)."""
     if any(data.DEBIAN_FASHION_MNIST.glob('*-ubyte.gz')):
         root = tmp_path_factory.mktemp('data')
-        data._fashion_mnist_from_debian(root)
+        data.fashion_mnist_from_debian(root)
         return root
     try:
         data.build_dataset('fashion_mnist', ROOT / 'data', train=True, transform=None)

@@ -15,8 +15,7 @@ import torch.nn.functional as F
 from analyze import (attention_distance, attention_entropy, build_encoder, layer_features,
                      main as analyze_main, minibatch_cka, patch_attention)
 from conftest import run_script
-from pretrain_mae import build_mae
-from vit import load_mae
+from pretrain_mae import MAE, build_mae
 from vit import VisionTransformer
 
 
@@ -86,11 +85,18 @@ def test_minibatch_cka_matches_a_direct_computation_of_the_formula(num_batches):
 
 # -- attention -------------------------------------------------------------------------------------
 def test_patch_attention_drops_the_cls_token_and_renormalises():
-    logits = torch.randn(2, 3, 1 + 9, 1 + 9)
+    """Each patch query keeps its attention among the patches in proportion, whatever share the cls
+    key took: logits log(p_ij) + c among patches give back p whatever the cls column and row hold."""
+    torch.manual_seed(0)
+    p = torch.rand(2, 3, 9, 9) + 0.1
+    p = p / p.sum(-1, keepdim=True)                            # a known attention among 9 patches
+    logits = torch.zeros(2, 3, 1 + 9, 1 + 9)
+    logits[:, :, 1:, 1:] = p.log() + 5.0
+    logits[:, :, :, 0] = 40.0                                  # the cls key takes almost everything
+    logits[:, :, 0, :] = torch.randn(2, 3, 10)                 # the cls query: not a patch's
     attn = patch_attention(logits)
     assert attn.shape == (2, 3, 9, 9)
-    torch.testing.assert_close(attn, logits[:, :, 1:, 1:].softmax(-1))
-    torch.testing.assert_close(attn.sum(-1), torch.ones(2, 3, 9))
+    torch.testing.assert_close(attn, p)
 
 
 def test_attention_distance_of_identity_attention_is_zero():
@@ -177,12 +183,12 @@ def test_a_finetuned_checkpoint_with_fc_norm_uses_its_own_fc_norm(tmp_path, last
                                patch_features(finetuned.fc_norm(last_block_tokens(finetuned, imgs))))
 
 
-def test_load_mae_reads_a_mae_lite_checkpoint_with_its_decoder(tmp_path):
+def test_from_checkpoint_reads_a_mae_lite_checkpoint_with_its_decoder(tmp_path):
     torch.manual_seed(0)
     mae = build_mae('vit_tiny', img_size=16, patch_size=4)
     lite_layout = {f'module.model.{k}': v for k, v in mae.state_dict().items()}     # keys as MAE-Lite saves
     torch.save({'model': lite_layout}, tmp_path / 'lite.pth')
-    loaded = load_mae(tmp_path / 'lite.pth')
+    loaded = MAE.from_checkpoint(tmp_path / 'lite.pth')
     assert loaded.patch_embed.img_size == 16 and loaded.norm_pix_loss
     loaded_state = loaded.state_dict()
     for name, tensor in mae.state_dict().items():
@@ -255,7 +261,7 @@ def test_reconstruct_scores_every_image_on_masks_fixed_by_the_seed(mae_checkpoin
                 '--device', 'cpu', '--output-dir', tmp_path)
     scored = json.loads((tmp_path / 'reconstruction.json').read_text())
     assert scored['num_images'] == 40 and scored['mask_ratio'] == 0.75
-    model = load_mae(str(mae_checkpoint)).eval()
+    model = MAE.from_checkpoint(str(mae_checkpoint)).eval()
     images = analyze.val_images(analyze.build_parser().parse_args(
         ['reconstruct', '--ckpt', str(mae_checkpoint), '--data', str(fashion_folder), '--num-images', '40']), 16)
     generator = torch.Generator().manual_seed(0)            # --seed 0: the same masks, batch by batch

@@ -40,6 +40,7 @@ def table_rows(stdout):
              if re.match(r'\| [a-z_+]+ \|', line) and not line.startswith('| step '))}
 
 
+@pytest.mark.ops
 def test_one_run_prints_its_command_and_one_table(fashion_root):
     result = run_script('bench.py', '--img-size', 16, '--patch-size', 4, '--batch-size', 8, '--stages',
                         'mae', 'moco', 'data', '--precisions', 'fp32', '--no-compile-modes',

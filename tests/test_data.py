@@ -8,6 +8,8 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 import data
+import data_in_memory
+from rand_augment import RandAugment
 from data import Augmentation, DataError, build_dataset, eval_transform, per_image_transform
 
 PRETRAINING = Augmentation(min_scale=0.2)                              # MAE's crop + flip
@@ -90,13 +92,13 @@ def test_device_loader_draws_rand_augment_and_erasing_per_image(monkeypatch):
     """On the in-memory path RandAugment and random erasing run image by image, so 16 copies of one
     image come out 16 different ways, as from the per-image pipeline (the batched crop is switched off
     here to see them alone)."""
-    monkeypatch.setattr(data, 'batched_resized_crop_flip', lambda imgs, size, min_scale: imgs)
+    monkeypatch.setattr(data_in_memory, 'batched_resized_crop_flip', lambda imgs, size, min_scale: imgs)
     torch.manual_seed(0)
     image = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8).expand(16, -1, -1, -1)
     labels = torch.zeros(16, dtype=torch.long)
 
     def distinct_images(**augment):
-        loader = data.DeviceLoader(image, labels, 16, train=True, augmentation=Augmentation(**augment))
+        loader = data_in_memory.DeviceLoader(image, labels, 16, train=True, augmentation=Augmentation(**augment))
         imgs, _ = next(iter(loader))
         assert imgs.shape == (16, 3, 32, 32) and imgs.isfinite().all()
         return len(torch.unique(imgs.flatten(1), dim=0))
@@ -112,7 +114,7 @@ def per_image_ops(transform):
     assert names[:3] == ['RGB', 'RandomResizedCrop', 'RandomHorizontalFlip'], names
     ops = [('crop+flip', transform.transforms[1].scale)]
     for op in transform.transforms[3:]:
-        if isinstance(op, data.RandAugment):
+        if isinstance(op, RandAugment):
             ops.append(('RandAugment', vars(op)))
         elif isinstance(op, v2.RandomErasing):
             ops.append(('erasing', op.p, op.value))
@@ -135,10 +137,10 @@ def test_both_data_paths_apply_the_ops_of_one_recipe(recipe, monkeypatch):
     from one Augmentation, and normalise alike (the grey, flat image is the same after both)."""
     stats = data.normalization('fashion_mnist')
     crop_scales = []
-    monkeypatch.setattr(data, 'batched_resized_crop_flip',
+    monkeypatch.setattr(data_in_memory, 'batched_resized_crop_flip',
                         lambda imgs, size, min_scale: crop_scales.append(min_scale) or imgs)
     grey = torch.full((1, 3, 32, 32), 100, dtype=torch.uint8)
-    loader = data.DeviceLoader(grey, torch.zeros(1, dtype=torch.long), 1, train=True, augmentation=recipe,
+    loader = data_in_memory.DeviceLoader(grey, torch.zeros(1, dtype=torch.long), 1, train=True, augmentation=recipe,
                                stats=stats)
     on_device, _ = next(iter(loader))                                                  # (1, 3, 32, 32)
     transform = per_image_transform(recipe, 32, stats)
@@ -156,9 +158,9 @@ def test_the_training_view_in_memory_refuses_images_that_are_not_square(mixed_fo
     """Its crops are drawn from a square per image: from a center square of a wide image they would
     miss its sides, which the per-image path crops from. The evaluation view is a center crop anyway."""
     with pytest.raises(DataError, match='6 of 8 training images .* not square .* without --data-on-') as e:
-        data.decode_to_tensor(str(mixed_folder), 'unused', train=True, size=32)
+        data_in_memory.decode_to_tensor(str(mixed_folder), 'unused', train=True, size=32)
     assert '\n' not in str(e.value)
-    images, labels, num_classes = data.decode_to_tensor(str(mixed_folder), 'unused', train=True, size=32,
+    images, labels, num_classes = data_in_memory.decode_to_tensor(str(mixed_folder), 'unused', train=True, size=32,
                                                         crop_pct=0.875)
     assert images.shape == (8, 3, 32, 32) and num_classes == 2
 
@@ -167,5 +169,5 @@ def test_square_images_train_in_memory(tmp_path):
     for cls in ('a', 'b'):
         (tmp_path / 'train' / cls).mkdir(parents=True)
         Image.new('RGB', (40, 40), (10, 200, 30)).save(tmp_path / 'train' / cls / 'square.png')
-    images, labels, _ = data.decode_to_tensor(str(tmp_path), 'unused', train=True, size=32)
+    images, labels, _ = data_in_memory.decode_to_tensor(str(tmp_path), 'unused', train=True, size=32)
     assert images.shape == (2, 3, 32, 32) and images.dtype == torch.uint8

@@ -1,6 +1,6 @@
 """data.py: choosing images (--classes, the stratified --subset), grayscale normalisation, and the
 loader's default number of worker processes."""
-import os
+import warnings
 
 import pytest
 import torch
@@ -9,7 +9,8 @@ from torchvision.transforms import v2
 
 import data
 import finetune
-from data import DataError, build_dataset, decode_to_tensor, eval_transform, normalization, stratified_sample
+from data import DataError, build_dataset, eval_transform, normalization, stratified_sample
+from data_in_memory import decode_to_tensor
 
 
 def labels_of(dataset):
@@ -63,6 +64,15 @@ def test_a_grey_image_stays_grey_with_the_data_sets_own_statistics():
     assert tensor[0, 0, 0].item() == pytest.approx((90 / 255 - mean[0]) / std[0], abs=1e-5)
 
 
-def test_num_workers_defaults_to_at_most_the_cpu_count():
+def test_the_default_worker_count_starts_no_more_loader_processes_than_this_machine_suggests():
+    """DataLoader warns when asked for more workers than the CPUs it may use; the stages' default
+    must never make it warn, on a 2-core laptop or a 64-core node."""
     args = finetune.build_parser().parse_args([])
-    assert args.num_workers == min(4, os.cpu_count())
+    assert args.num_workers >= 1
+    loader = data.build_loader(data.SyntheticImages(8, transform=v2.PILToTensor()), 4, train=False,
+                               num_workers=args.num_workers,
+                               device=torch.device('cpu'))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        next(iter(loader))
+    assert not [w for w in caught if 'worker' in str(w.message)], [str(w.message) for w in caught]

@@ -207,6 +207,7 @@ def test_checkpoint_model_is_the_student_mae_and_loads_for_finetuning(dmae_run):
     assert sorted(report.new) == ['fc_norm.bias', 'fc_norm.weight', 'head.bias', 'head.weight']
 
 
+@pytest.mark.ops
 def test_resume_continues_exactly(fashion_folder, tiny_teacher_ckpt, dmae_run, tmp_path):
     pretrain_distill.main(dmae_args(fashion_folder, tiny_teacher_ckpt, tmp_path, 1))
     pretrain_distill.main(strings('--resume', tmp_path / 'checkpoint.pth', '--epochs', 3))

@@ -2,6 +2,7 @@
 the script as a user runs it (a short real run, --eval-only, --resume, bad input)."""
 import contextlib
 import io
+import math
 import os
 import re
 import subprocess
@@ -16,7 +17,8 @@ from conftest import ROOT, assert_one_line_error, read_log, run_script
 from finetune import build_batch_mixing, build_parser, layer_decay_groups, parse_rand_aug
 import pretrain_mae
 from pretrain_mae import build_mae
-from training import RunError, parse_args, set_lr
+from operations import RunError
+from training import parse_args, set_lr
 from vit import load_pretrained, vit
 
 
@@ -209,6 +211,7 @@ def test_eval_only_reproduces_the_logged_accuracy(finetuned, fashion_folder, tmp
     assert not (tmp_path / 'log.jsonl').exists()                    # evaluation trains nothing
 
 
+@pytest.mark.ops
 def test_ddp_eval_sums_the_counts_of_both_processes(finetuned, fashion_folder, tmp_path):
     out, _ = finetuned
     best = torch.load(out / 'best.pth', weights_only=True)
@@ -242,6 +245,7 @@ def small_folder(fashion_folder, folder, per_class):
     return folder
 
 
+@pytest.mark.ops
 def test_a_run_stopped_after_an_epoch_resumes_exactly(fashion_folder, tmp_path, monkeypatch):
     data = small_folder(fashion_folder, tmp_path / 'data', {'train': 8, 'val': 4})
     # every random part of the recipe is on: RandAugment, erasing, MixUp/CutMix, drop path
@@ -279,13 +283,32 @@ def test_data_on_device_evaluates_like_the_image_pipeline(finetuned, fashion_fol
     assert abs(top1 - read_log(out)[best['epoch']]['val_top1']) <= 5.0
 
 
-def test_data_on_device_trains_with_the_full_augmentation(fashion_folder, tmp_path):
+def test_data_on_device_trains_with_the_full_augmentation(fashion_folder, tmp_path, monkeypatch):
+    """--rand-aug, --reprob and --mixup reach the in-memory path's training batches: with the same seed
+    (the same images, crops and flips) every image of the first batch differs from its plain view,
+    and MixUp's soft targets replace the labels."""
     data = small_folder(fashion_folder, tmp_path / 'data', {'train': 8, 'val': 4})
-    finetune.main(['--data', str(data), *TINY, '--epochs', '1', '--warmup-epochs', '0', '--mixup', '0.8',
-                   '--rand-aug', 'm9-mstd0.5', '--reprob', '0.25', '--data-on-device',
-                   '--output-dir', str(tmp_path / 'out')])
-    (line,) = read_log(tmp_path / 'out')
-    assert 1.0 < line['loss'] < 2.0 and line['val_top1'] % 6.25 == 0   # 16 val images
+    real_loss = finetune.classification_loss
+
+    def first_batch(*recipe):
+        seen = []
+
+        def recording(model, imgs, labels, batch_mixing, smoothing):
+            seen.append((imgs.clone(), batch_mixing))
+            return real_loss(model, imgs, labels, batch_mixing, smoothing)
+        monkeypatch.setattr(finetune, 'classification_loss', recording)
+        out = tmp_path / f'out{len(recipe)}'
+        finetune.main(['--data', str(data), *TINY, '--epochs', '1', '--warmup-epochs', '0', '--data-on-device',
+                       '--min-crop-scale', '1.0', *recipe, '--output-dir', str(out)])
+        (line,) = read_log(out)
+        assert math.isfinite(line['loss'])
+        return seen[0]
+
+    plain, no_mixing = first_batch('--rand-aug', 'none', '--reprob', '0', '--mixup', '0')
+    augmented, mixing = first_batch('--rand-aug', 'm9-mstd0.5', '--reprob', '1.0', '--mixup', '0.8')
+    assert no_mixing is None and mixing is not None
+    assert plain.shape == augmented.shape
+    assert all(not torch.equal(a, b) for a, b in zip(plain, augmented))      # an erased box in each
 
 
 def test_a_junk_init_file_is_one_line_error(fashion_folder, tmp_path):

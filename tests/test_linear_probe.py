@@ -10,7 +10,8 @@ import linear_probe
 import pretrain_mae
 from conftest import assert_one_line_error, read_log, run_script
 from linear_probe import LARS, probe_head
-from training import RunError, save_checkpoint
+from operations import RunError
+from training import save_checkpoint
 from vit import encoder_state_dict, read_checkpoint
 
 # a 16 px ViT-Tiny with 4 x 4 patches: 16 patch tokens + cls, a few seconds per run on a CPU
@@ -111,6 +112,7 @@ def test_the_checkpoint_evaluates_alone_through_the_images(cached_runs, capsys):
     assert float(loss) == pytest.approx(log[-1]['val_loss'], abs=1e-3)
 
 
+@pytest.mark.ops
 def test_a_run_stopped_after_a_checkpoint_resumes_to_the_same_log(fashion_folder, tmp_path,
                                                                     monkeypatch, capsys):
     args = ['--data', fashion_folder, *CACHED, '--epochs', '6', '--warmup-epochs', '2']

@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
+@pytest.mark.ops
 def test_every_stage_of_the_script_runs_end_to_end(fashion_root, tmp_path):
     run = tmp_path / 'mini'
     result = subprocess.run(['bash', str(ROOT / 'mini_paper.sh'), str(run), '--smoke', '--moco'],

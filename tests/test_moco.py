@@ -13,9 +13,9 @@ from torch.utils.data import default_collate
 
 import finetune
 from conftest import ROOT, read_log, run_script
-from data import moco_views, normalization
-from pretrain_moco import (MoCo, contrastive_loss, gather_keys, moco_losses, moco_optimizer, moco_vit,
-                           momentum_at)
+from data import normalization
+from pretrain_moco import (MoCo, contrastive_loss, gather_keys, moco_optimizer, moco_views, moco_vit,
+                           momentum_at, step_momentum)
 from vit import load_pretrained, sincos_pos_embed, vit
 
 
@@ -95,12 +95,9 @@ def test_accumulated_micro_batches_move_the_momentum_branch_as_one_update():
         for model in (accumulated, once):
             for p in model.encoder.parameters():
                 p.add_(1.0)
-    seen = []
-    losses = moco_losses(lambda views, m: seen.append(m) or torch.zeros(()), None, None, at=1.5,
-                         base_momentum=0.99, epochs=4, accum_iter=2)
-    assert set(losses) == {'loss'}
-    accumulated.update_momentum(seen[0])
-    accumulated.update_momentum(seen[0])                  # the 2 micro-batches of one optimizer step
+    m = step_momentum(1.5, base_momentum=0.99, epochs=4, accum_iter=2)
+    accumulated.update_momentum(m)
+    accumulated.update_momentum(m)                        # the 2 micro-batches of one optimizer step
     once.update_momentum(momentum_at(1.5, 0.99, 4))
     for a, b in zip(accumulated.momentum_encoder.parameters(), once.momentum_encoder.parameters()):
         torch.testing.assert_close(a, b)
@@ -243,6 +240,7 @@ def stop_after_the_first_checkpoint(args, out):
     return torch.load(out / 'checkpoint.pth', weights_only=True)['epoch']
 
 
+@pytest.mark.ops
 def test_a_killed_run_resumes_to_the_same_losses_and_weights(moco_run, tmp_path):
     args, whole = moco_run
     broken = tmp_path / 'broken'

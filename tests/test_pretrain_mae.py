@@ -4,6 +4,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from conftest import ROOT, assert_one_line_error, read_log, run_script
@@ -134,6 +135,7 @@ def start_and_stop_in_epoch_1(args, out, sig):
     return process
 
 
+@pytest.mark.ops
 def test_a_run_killed_at_any_moment_resumes_to_the_same_losses(fashion_root, tmp_path):
     """One command, `--resume auto`, for the first start and the restart (as torchrun
     --max-restarts or a scheduler repeats it): fresh in an empty folder, then exactly where it was."""
@@ -151,6 +153,7 @@ def test_a_run_killed_at_any_moment_resumes_to_the_same_losses(fashion_root, tmp
     assert [line['loss'] for line in read_log(broken)] == [line['loss'] for line in read_log(whole)]
 
 
+@pytest.mark.ops
 def test_sigterm_stops_at_once_with_one_line_and_an_intact_checkpoint(fashion_root, tmp_path):
     out = tmp_path / 'run'
     stopped = start_and_stop_in_epoch_1([*QUICK, '--data-root', fashion_root, '--epochs', '3'], out, signal.SIGTERM)

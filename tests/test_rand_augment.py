@@ -1,4 +1,4 @@
-"""data.rand_augment: timm's RandAugment 'rand-m10-mstd0.5-inc1', checked by its distribution on one
+"""rand_augment.py: timm's RandAugment 'rand-m10-mstd0.5-inc1', checked by its distribution on one
 image against timm's own transform (1,200 seeded draws each), and its spec, tensors and Posterize."""
 import collections
 import random
@@ -10,7 +10,8 @@ from PIL import Image
 from timm.data.auto_augment import _RAND_INCREASING_TRANSFORMS, rand_augment_transform
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-import data
+import rand_augment as rand_augment_module
+from rand_augment import RandAugment, rand_augment
 
 DRAWS = 1200
 
@@ -63,10 +64,10 @@ def measured():
     img = gradient_image()
     with pytest.MonkeyPatch.context() as patch:
         ours_ran = []
-        for name, op in list(data.RAND_AUGMENT_OPS.items()):
-            patch.setitem(data.RAND_AUGMENT_OPS, name, recording(name, op, ours_ran))
+        for name, op in list(rand_augment_module.RAND_AUGMENT_OPS.items()):
+            patch.setitem(rand_augment_module.RAND_AUGMENT_OPS, name, recording(name, op, ours_ran))
         torch.manual_seed(0)
-        ours = measure(data.rand_augment('rand-m10-mstd0.5-inc1'), img, ours_ran)
+        ours = measure(rand_augment('rand-m10-mstd0.5-inc1'), img, ours_ran)
     augment, timm_ran = timm_rand_augment(), []
     for op in augment.ops:
         op.aug_fn = recording(op.name, op.aug_fn, timm_ran)
@@ -101,18 +102,18 @@ def test_each_of_timms_15_increasing_ops_runs_as_often_as_in_timm(measured):
 
 
 def test_the_magnitude_is_drawn_around_its_mean():
-    augment = data.RandAugment(num_ops=2, magnitude=9, magnitude_std=0.5)
+    augment = RandAugment(num_ops=2, magnitude=9, magnitude_std=0.5)
     drawn = {round(magnitude) for _ in range(200) for _, magnitude in augment.draw()}
     assert drawn <= {7, 8, 9, 10, 11} and {8, 9, 10} <= drawn
 
 
 def test_posterize_at_0_bits_gives_black():
-    black = data.RAND_AUGMENT_OPS['PosterizeIncreasing'](gradient_image(), 1.0, (124, 116, 104))
+    black = rand_augment_module.RAND_AUGMENT_OPS['PosterizeIncreasing'](gradient_image(), 1.0, (124, 116, 104))
     assert not np.asarray(black).any()
 
 
 def test_a_tensor_goes_through_the_same_ops_and_stays_a_tensor():
-    img, augment = gradient_image(32), data.rand_augment('m10-mstd0.5')
+    img, augment = gradient_image(32), rand_augment('m10-mstd0.5')
     tensor = pil_to_tensor(img)                                                   # (3, H, W) uint8
     for seed in range(20):
         torch.manual_seed(seed)
@@ -126,15 +127,15 @@ def test_a_tensor_goes_through_the_same_ops_and_stays_a_tensor():
 
 def test_specs_as_timm_writes_them():
     def numbers(spec):
-        augment = data.rand_augment(spec)
+        augment = rand_augment(spec)
         return augment.num_ops, augment.magnitude, augment.magnitude_std
     assert numbers('m10-mstd0.5') == numbers('rand-m10-mstd0.5-inc1') == (2, 10, 0.5)
     assert numbers('m9-mstd0.5') == (2, 9, 0.5) and numbers('n3-m9') == (3, 9, 0.0)
-    assert data.rand_augment('none') is None
+    assert rand_augment('none') is None
 
 
 @pytest.mark.parametrize('spec', ['m12', 'rand-m9-mstd0.5-inc0', 'm9-p0.5', ''])
 def test_a_bad_spec_is_one_clear_error(spec):
     with pytest.raises(ValueError, match="expected timm's e.g. 'm10-mstd0.5'") as error:
-        data.rand_augment(spec)
+        rand_augment(spec)
     assert '\n' not in str(error.value)

@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT, read_log
 
 TORCHRUN = shutil.which('torchrun', path=str(Path(sys.executable).parent)) or shutil.which('torchrun')
-pytestmark = pytest.mark.skipif(TORCHRUN is None, reason='torchrun is not installed')
+pytestmark = [pytest.mark.ops, pytest.mark.skipif(TORCHRUN is None, reason='torchrun is not installed')]
 
 
 def start_job(output_dir, data_root):
