@@ -3,7 +3,10 @@
   cka          layer-by-layer linear CKA between two models (minibatch, unbiased HSIC estimator of
                Nguyen, Raghu & Kornblith 2021) on a data set's val split: a (depth+1) x (depth+1) heatmap
   attention    per layer and head: mean attention distance (pixels) and attention entropy among patch
-               tokens, as the paper's two scatter plots (heads as dots, the layer mean as a line)
+               tokens, as the paper's two scatter plots (heads as dots, the layer mean as a line);
+               --maps also draws each head's cls-token attention over a few images
+  embed        every image's feature (the normed cls token, or fc_norm of the mean patch token) with
+               its label and path, as .npy files for your own analysis
   reconstruct  an MAE's original / masked / reconstruction figure, the one pre-training draws, and its
                held-out loss
 
@@ -14,20 +17,24 @@ the images are shown at (position embeddings are then resized).
 
 Examples:
   python analyze.py cka --a output/mae/checkpoint.pth --b random --patch-size 4 --data fashion_mnist
-  python analyze.py attention --ckpt mae_tiny_400e.pth.tar --data /datasets/imagenet
+  python analyze.py attention --ckpt mae_tiny_400e.pth.tar --data /datasets/imagenet --maps
+  python analyze.py embed --ckpt output/mae/checkpoint.pth --data /datasets/imagenet --feature avg
   python analyze.py reconstruct --ckpt output/mae/checkpoint.pth
 """
 import argparse
 import csv
 import json
+import math
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data import build_dataset, eval_transform, normalization
+from data import Selection, build_dataset, eval_transform, normalization
 from pretrain_mae import MAE, save_reconstruction_figure
 from operations import RunError, run_main
 from training import default_num_workers
@@ -36,6 +43,10 @@ from vit import SIZES, encoder_geometry, encoder_state_dict, load_pretrained, re
 # CKA's last layer (--last-layer): what each choice reads, as the figure and the printout say it
 LAST_LAYERS = {'fc_norm': "fc_norm on the last block's tokens (a fresh LayerNorm where a model has none)",
                'norm': "each model's own final norm (its fc_norm, else its trained norm)"}
+# embed's --feature: build_encoder's layout whose pool() gives it, and what it is
+EMBED_FEATURES = {'cls': ('cls', "the normed cls token, as linear_probe's --feature cls"),
+                  'avg': ('fc_norm', "fc_norm of the mean patch token (fresh where a checkpoint has none), "
+                                     "as linear_probe's --feature avg")}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -80,6 +91,13 @@ def patch_attention(attn_logits):
     return attn_logits[:, :, 1:, 1:].softmax(dim=-1)
 
 
+def cls_attention(attn_logits):
+    """Where the cls token looks: its query row of the pre-softmax logits z, the cls key cut and
+    softmax again over the N patch keys,  a_j = exp(z_0j) / sum_k exp(z_0k),  j, k = 1..N.
+    (B, heads, 1+N, 1+N) -> (B, heads, N)."""
+    return attn_logits[:, :, 0, 1:].softmax(dim=-1)
+
+
 def attention_distance(attn, grid_size, patch_size):
     """Mean attention distance in pixels, per image and head: the expected distance between a query
     patch centre c_i and the key patch centres c_j (grid units), times the patch size, averaged over
@@ -111,7 +129,9 @@ def build_encoder(spec, args, img_size=None, seed_offset=0, last_layer='fc_norm'
                 (fine-tuned with global pooling), else a fresh LayerNorm (weight 1, bias 0, eps 1e-6);
                 the trained `norm` of an MAE / MAE-Lite / DeiT checkpoint is left out;
       'norm':   the checkpoint's own final norm: its fc_norm when it has one, else its trained `norm`
-                (a cls model)."""
+                (a cls model);
+      'cls':    a cls model whatever the checkpoint (embed's --feature cls, linear_probe's cls
+                feature): its trained `norm`, a fresh one where it has none; its fc_norm is left out."""
     if spec == 'random':
         torch.manual_seed(args.seed + seed_offset)
         img_size = img_size or 224
@@ -123,11 +143,11 @@ def build_encoder(spec, args, img_size=None, seed_offset=0, last_layer='fc_norm'
     size, patch_size, native_img_size = encoder_geometry(state, spec)
     img_size = img_size or native_img_size
     check_divisible(img_size, patch_size, spec)
-    fresh_fc_norm = last_layer == 'fc_norm'
-    model = vit(size, img_size=img_size, patch_size=patch_size, num_classes=0,
-                global_pool=fresh_fc_norm or 'fc_norm.weight' in state)
-    # a fresh nn.LayerNorm is weight 1, bias 0: it stays so unless the checkpoint brings its fc_norm
-    load_pretrained(model, spec, allow_new=('fc_norm.',) if fresh_fc_norm else ())
+    global_pool = {'fc_norm': True, 'norm': 'fc_norm.weight' in state, 'cls': False}[last_layer]
+    model = vit(size, img_size=img_size, patch_size=patch_size, num_classes=0, global_pool=global_pool)
+    # a fresh nn.LayerNorm is weight 1, bias 0: it stays so unless the checkpoint brings its own
+    fresh = {'fc_norm': ('fc_norm.',), 'norm': (), 'cls': ('norm.',)}[last_layer]
+    load_pretrained(model, spec, allow_new=fresh)
     return model.eval(), f"{spec} ({size}, patch {patch_size})"
 
 
@@ -137,10 +157,11 @@ def check_divisible(img_size, patch_size, spec):
 
 
 def val_images(args, img_size):
-    """A fixed random sample of --num-images of the val split, with the eval transform."""
+    """A fixed random sample of --num-images of the val split (of a folder of unlabelled images: of
+    its images), with the eval transform. No analysis reads the labels."""
     dataset, _ = build_dataset(args.data, args.data_root, train=False,
                                transform=eval_transform(img_size, stats=normalization(args.data)),
-                               subset=args.num_images)
+                               subset=args.num_images, unlabelled=True)
     return dataset
 
 
@@ -214,6 +235,7 @@ def attention_command(args):
     device = device_of(args)
     model, name = build_encoder(args.ckpt, args, args.img_size)
     model = model.to(device)
+    maps_layer = check_maps_args(args, model.depth) if args.maps else None   # before the long pass
     grid, patch_size = model.patch_embed.grid_size, model.patch_embed.patch_size
     loader = val_loader(args, model.patch_embed.img_size)
     distance = torch.zeros(model.depth, model.num_heads, device=device)
@@ -246,6 +268,65 @@ def attention_command(args):
           f"{out / 'attention_entropy.png'}, {out / 'attention.json'}, {out / 'attention.csv'}")
     print("mean distance per layer (px): " + ' '.join(f"{v:.1f}" for v in distance.mean(1).tolist()))
     print("mean entropy per layer:       " + ' '.join(f"{v:.2f}" for v in entropy.mean(1).tolist()))
+    if args.maps:
+        images = loader.dataset
+        imgs = torch.stack([images[i][0] for i in range(min(args.maps_images, len(images)))])  # (K, 3, H, W)
+        logits = model.encode(imgs.to(device), attn_layers=[maps_layer]).attn_logits[maps_layer]
+        attn = cls_attention(logits).cpu()                                              # (K, heads, N)
+        path = out / 'attention_maps.png'
+        plot_attention_maps(imgs, attn, normalization(args.data), f"{name}: cls attention to the patches "
+                            f"in block {maps_layer} (of 0..{model.depth - 1}), each head", path)
+        print(f"cls-token attention of every head in block {maps_layer} on {len(imgs)} images: {path}")
+
+
+def check_maps_args(args, depth):
+    """-> the block whose cls attention --maps draws: --layer, default the last."""
+    layer = depth - 1 if args.layer is None else args.layer
+    if not 0 <= layer < depth:
+        raise RunError(f"--layer {args.layer} is out of range: the model has blocks 0..{depth - 1}")
+    if args.maps_images < 1:
+        raise RunError(f"--maps-images must be at least 1, got {args.maps_images}")
+    return layer
+
+
+@torch.inference_mode()
+def embed_command(args):
+    """Every image's feature, as linear_probe's head sees it, in the split's order (no masking, the
+    eval view): features.npy (N, D) float32, labels.npy (N,) int64, paths.txt (a folder: each file's
+    path; a named data set: each image's index in the whole split)."""
+    device = device_of(args)
+    layout, about = EMBED_FEATURES[args.feature]
+    model, name = build_encoder(args.ckpt, args, args.img_size, last_layer=layout)
+    model = model.to(device)
+    img_size = model.patch_embed.img_size
+    dataset, _ = build_dataset(args.data, args.data_root, train=args.split == 'train',
+                               transform=eval_transform(img_size, stats=normalization(args.data)),
+                               subset=args.num_images, unlabelled=True)
+    features, labels = [], []
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers)
+    for imgs, targets in tqdm(loader, desc='embed', dynamic_ncols=True):
+        features.append(model.pool(model.encode(imgs.to(device)).tokens).float().cpu())    # (B, D)
+        labels.append(targets)
+    features, labels = torch.cat(features), torch.cat(labels).long()                   # (N, D), (N,)
+
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / 'features.npy', features.numpy())
+    np.save(out / 'labels.npy', labels.numpy())
+    (out / 'paths.txt').write_text(''.join(f"{image}\n" for image in image_names(dataset)))
+    print(f"{len(features)} {args.split} features of dim {features.shape[1]} ({args.feature}: {about}) "
+          f"of {name} at {img_size} px: {out / 'features.npy'}, "
+          f"{out / 'labels.npy'}, {out / 'paths.txt'}")
+
+
+def image_names(dataset):
+    """Each image's name in the order of `dataset`: its file's path (a folder), else its index in the
+    whole split (a named data set)."""
+    base, indices = ((dataset.dataset, dataset.indices) if isinstance(dataset, Selection)
+                     else (dataset, range(len(dataset))))
+    # ImageFolder's (path, label) pairs, or UnlabelledImages' paths
+    files = [path for path, _ in base.samples] if hasattr(base, 'samples') else getattr(base, 'paths', None)
+    return [files[i] if files is not None else i for i in indices]
 
 
 @torch.inference_mode()
@@ -340,6 +421,41 @@ def plot_per_head(values, ylabel, about, path):
     plt.close(fig)
 
 
+def plot_attention_maps(imgs, attn, stats, title, path):
+    """One row per image: the image, then each head's attention over the patches drawn on it (each
+    panel scaled to its own largest share, written in its corner; nearest upsampling, so a patch
+    shows as a square).
+    imgs (K, 3, H, W) normalised with stats = (mean, std); attn (K, heads, N) rows summing to 1."""
+    plt = pyplot()
+    num_images, heads, _ = attn.shape
+    grid = math.isqrt(attn.shape[-1])
+    maps = rearrange(attn, 'k h (gh gw) -> k h gh gw', gh=grid)                       # (K, heads, g, g)
+    maps = F.interpolate(maps, size=imgs.shape[-2:], mode='nearest')                 # (K, heads, H, W)
+    mean, std = torch.tensor(stats[0]).view(1, 3, 1, 1), torch.tensor(stats[1]).view(1, 3, 1, 1)
+    pictures = (imgs.cpu() * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()      # (K, H, W, 3)
+    fig, axes = plt.subplots(num_images, 1 + heads, figsize=(1.1 * (1 + heads), 1.2 * num_images + 0.6),
+                             squeeze=False)
+    for row in range(num_images):
+        axes[row, 0].imshow(pictures[row])
+        for head in range(heads):
+            ax = axes[row, 1 + head]
+            ax.imshow(pictures[row])
+            largest = attn[row, head].max().item()
+            ax.imshow(maps[row, head].numpy(), cmap='inferno', alpha=0.65, vmin=0, vmax=largest)
+            ax.text(0.03, 0.04, f"{largest:.2f}", transform=ax.transAxes, fontsize=6, color='white',
+                    bbox=dict(facecolor='black', alpha=0.6, pad=1, linewidth=0))
+            if row == 0:
+                ax.set_title(f"head {head}", fontsize=7)
+    axes[0, 0].set_title('image', fontsize=7)
+    for ax in axes.flat:
+        ax.axis('off')
+    fig.suptitle(f"{title}\nbright = much attention, each panel scaled to its largest share (the number; "
+                 f"uniform: 1/{attn.shape[-1]} = {1 / attn.shape[-1]:.2f})", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 # --------------------------------------------------------------------------------------------------
 # Flags
 # --------------------------------------------------------------------------------------------------
@@ -348,7 +464,8 @@ def add_shared_args(parser, num_images, batch_size=None, random_model=True):
     g = parser.add_argument_group('data and run')
     g.add_argument('--data', default='fashion_mnist',
                    help='fashion_mnist, cifar10, cifar100, flowers, pets, aircraft, cars, synthetic, '
-                        'or a folder with train/<class>/* and val/<class>/* (its val split is used)')
+                        'or a folder with train/<class>/* and val/<class>/* (its val split is used), '
+                        'or a folder of unlabelled images at any depth (all of them are used)')
     g.add_argument('--data-root', default='data', help='where named data sets live or download to')
     g.add_argument('--img-size', type=int, default=None,
                    help="image size shown to the model (default: the checkpoint's native size)")
@@ -387,10 +504,36 @@ def build_parser():
 
     p = commands.add_parser('attention', help='per-head attention distance and entropy',
                             description='Mean attention distance (pixels) and entropy of every head, '
-                                        'among patch tokens (cls cut, softmax again).')
+                                        'among patch tokens (cls cut, softmax again); with --maps also '
+                                        "a figure of each head's cls-token attention on a few images.")
     p.add_argument('--ckpt', required=True, help='checkpoint, or `random`')
+    p.add_argument('--maps', action='store_true',
+                   help="also draw attention_maps.png: for the first --maps-images images, each head's "
+                        "attention from the cls token to the patches (softmax over the patches) in "
+                        "block --layer, upsampled and drawn over the image")
+    p.add_argument('--layer', type=int, default=None,
+                   help='the block --maps draws, 0..depth-1 (default: the last)')
+    p.add_argument('--maps-images', type=int, default=4, help='images in attention_maps.png (default 4)')
     add_shared_args(p, num_images=1000, batch_size=32)     # 12 layers of (B, heads, N, N) logits
     p.set_defaults(func=attention_command)
+
+    p = commands.add_parser('embed', help="every image's feature, label and path, for your own analysis",
+                            description='The frozen encoder\'s feature of every image of a split, as '
+                                        'linear_probe\'s head sees it: no masking, the eval view (resize '
+                                        'and center crop), in the split\'s order; features.npy (N, D) '
+                                        'float32, labels.npy (N,) int64, paths.txt (a folder: the file '
+                                        'path of each row; a named data set: its index in the split).')
+    p.add_argument('--ckpt', required=True, help='checkpoint, or `random`')
+    p.add_argument('--feature', default='cls', choices=list(EMBED_FEATURES),
+                   help='; '.join(f"{k}: {about}" for k, (_, about) in EMBED_FEATURES.items()))
+    p.add_argument('--split', default='val', choices=['train', 'val'],
+                   help='which split (a named data set: train or test; default val)')
+    add_shared_args(p, num_images=0, batch_size=256)
+    embed_flags = {a.dest: a for a in p._actions}
+    embed_flags['num_images'].help = ('a fixed sample of this many images of the split, in its order '
+                                      '(default 0: all)')
+    embed_flags['data'].help = embed_flags['data'].help.replace('(its val split is used)', '(--split picks)')
+    p.set_defaults(func=embed_command)
 
     p = commands.add_parser('reconstruct', help="an MAE's reconstructions of a few val images",
                             description='Original / masked / reconstruction of the first 6 of --num-images '

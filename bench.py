@@ -1,9 +1,9 @@
 """Speed of one training step of each stage on this device, and of the data path.
 
-For each stage (MAE, D-MAE, MoCo v3, fine-tune, linear probe) and each of eager / torch.compile x fp32 / bf16
-autocast: images per second, peak memory, the achieved GFLOP/s (FLOPs of forward + backward counted
-with torch.utils.flop_counter, attention included) and its share of the device's peak (on CPU a
-2048 x 2048 matmul measured in the row's precision; on CUDA the datasheet dense bf16 peak, i.e. MFU).
+For each stage (MAE, D-MAE, MoCo v3, fine-tune, the ResNet-18 reference, linear probe) and each of
+eager / torch.compile x fp32 / bf16 autocast: images per second, peak memory, the achieved GFLOP/s
+(FLOPs of forward + backward counted with torch.utils.flop_counter, attention included) and its share
+of the device's peak (on CPU a 2048 x 2048 matmul measured in the row's precision; on CUDA the datasheet dense bf16 peak, i.e. MFU).
 Then the data path alone (the per-image DataLoader and the in-memory --data-on-device loader) and the
 MAE step fed by the in-memory loader vs by one pre-made batch. The `timm_ref` row is the yardstick:
 the same MAE with every transformer block replaced by timm's `Block` (needs `pip install timm`; not a
@@ -32,7 +32,7 @@ from vit import SIZES
 # dense bf16 tensor-core peaks from the datasheets, TFLOP/s; matched against the device name
 CUDA_BF16_PEAK_TFLOPS = {'H100': 989, 'A100': 312, 'L40S': 362, 'L4': 121, 'A10': 125,
                          'RTX 4090': 165, 'RTX 3090': 71, 'V100': 125, 'T4': 65}
-STAGES = ('timm_ref', 'mae', 'dmae', 'moco', 'finetune', 'probe', 'data')
+STAGES = ('timm_ref', 'mae', 'dmae', 'moco', 'finetune', 'convnet', 'probe', 'data')
 CHUNKS = 5      # timed chunks per row; the median chunk counts
 
 
@@ -61,7 +61,7 @@ def with_timm_blocks(mae):
 
 def build_step(stage, args, device):
     """-> step(imgs, labels), the trainable module, a batch (imgs, labels)."""
-    from finetune import classification_loss, layer_decay_groups
+    from finetune import classification_loss, convnet, layer_decay_groups
     from linear_probe import LARS, probe_head, probe_losses
     from pretrain_distill import DistilledMAE
     from pretrain_mae import build_mae
@@ -91,9 +91,13 @@ def build_step(stage, args, device):
         def loss_of(views, labels):
             return model(views, momentum=0.99)
         imgs = torch.randn(args.batch_size, 2, 3, args.img_size, args.img_size, device=device)
-    elif stage == 'finetune':
-        model = vit(args.model, num_classes=1000, global_pool=True, **size).to(device)
-        optimizer = adamw(layer_decay_groups(model, 0.05, 0.85), 1e-4, (0.9, 0.999), device)
+    elif stage in ('finetune', 'convnet'):      # convnet: the ResNet-18 reference, trained from scratch
+        if stage == 'convnet':
+            model = convnet(1000).to(device)
+            optimizer = adamw(weight_decay_groups(model, 0.05), 1e-4, (0.9, 0.999), device)
+        else:
+            model = vit(args.model, num_classes=1000, global_pool=True, **size).to(device)
+            optimizer = adamw(layer_decay_groups(model, 0.05, 0.85), 1e-4, (0.9, 0.999), device)
         def loss_of(imgs, labels):
             return classification_loss(model, imgs, labels, batch_mixing=None, smoothing=0.0)
     elif stage == 'probe':

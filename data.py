@@ -1,22 +1,26 @@
 """Data sets, the paper's transform recipes, and the loader. Nothing model-related lives here.
 
 `--data` is a name (fashion_mnist, cifar10, cifar100, flowers, pets, aircraft, cars, synthetic) or the
-path of a folder in ImageNet layout: DIR/train/<class>/*.jpg and DIR/val/<class>/*.jpg. Every image,
-whatever its size and mode (grayscale, RGBA, palette), becomes a 3-channel tensor of --img-size.
+path of a folder in ImageNet layout: DIR/train/<class>/*.jpg and DIR/val/<class>/*.jpg; pre-training
+also takes a folder of unlabelled images (any depth, no train/). Every image, whatever its size and
+mode (grayscale, RGBA, palette), becomes a 3-channel tensor of --img-size.
 
 Elsewhere, each in a file named for what it is: timm's RandAugment, ported (rand_augment.py); the
 in-memory speed path of --data-on-device (data_in_memory.py); MoCo v3's two views (pretrain_moco.py).
 """
 import gzip
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, default_collate
 from torchvision import datasets
+from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import InterpolationMode, v2
+from tqdm import tqdm
 
 from rand_augment import RandAugment, fill_colour
 
@@ -105,12 +109,16 @@ def eval_transform(img_size, crop_pct=0.875, stats=(IMAGENET_MEAN, IMAGENET_STD)
 # --------------------------------------------------------------------------------------------------
 # Data sets: by name or folder, then --classes and --subset
 # --------------------------------------------------------------------------------------------------
-def build_dataset(data, root, train, transform, subset=0, classes=()):
-    """-> (dataset, num_classes). `data`: a name in NAMED or a folder in ImageNet layout.
+def build_dataset(data, root, train, transform, subset=0, classes=(), unlabelled=False):
+    """-> (dataset, num_classes). `data`: a name in NAMED or a folder in ImageNet layout; with
+    `unlabelled` (the pre-training stages) also a folder without train/, read as UnlabelledImages.
     `classes` keeps only those classes, renumbered 0..k-1 in the order given (e.g. (0, 2, 4, 6, 8));
     `subset` > 0 keeps a fixed sample of that many images, stratified: as equal a share of every class
     as the counts allow (drawn at random where the labels cannot be read without decoding)."""
-    dataset, num_classes = whole_dataset(data, root, train, transform)
+    dataset, num_classes = whole_dataset(data, root, train, transform, unlabelled)
+    if classes and isinstance(dataset, UnlabelledImages):
+        raise DataError(f"--classes: --data {data} is a folder of unlabelled images (no train/<class>/ "
+                        f"folders), it has no classes to keep; leave --classes out")
     if not classes and not 0 < subset < len(dataset):
         return dataset, num_classes
     labels = dataset_labels(dataset)
@@ -129,7 +137,7 @@ def build_dataset(data, root, train, transform, subset=0, classes=()):
     return Selection(dataset, keep.tolist(), classes), (len(classes) if classes else num_classes)
 
 
-def whole_dataset(data, root, train, transform):
+def whole_dataset(data, root, train, transform, unlabelled=False):
     """-> (the whole split of a named data set or of a folder, num_classes)."""
     if data == 'synthetic':
         return SyntheticImages(512 if train else 128, seed=0 if train else 1, transform=transform), 10
@@ -147,6 +155,13 @@ def whole_dataset(data, root, train, transform):
     if not Path(data).exists():
         raise DataError(f"--data {data}: neither a known name ({', '.join(NAMED)}) nor an existing "
                         f"folder")
+    if not (Path(data) / 'train').is_dir():
+        if unlabelled:
+            return UnlabelledImages(data, transform), 1
+        raise DataError(f"--data {data} has no class folders ({data}/train/<class>/*): this stage needs "
+                        f"labels; a folder of unlabelled images serves pre-training (pretrain_mae.py, "
+                        f"pretrain_distill.py, pretrain_moco.py): pre-train on it, then fine-tune on a "
+                        f"labelled set with train/<class>/ and val/<class>/ folders")
     dataset = image_folder(data, 'train' if train else 'val', transform)
     return dataset, len(dataset.classes)
 
@@ -198,6 +213,25 @@ def image_folder(root, split, transform):
         raise DataError(f"no images found under {folder} ({e}): {layout}") from None
 
 
+class UnlabelledImages(Dataset):
+    """Every image file under `root`, at any depth (torchvision's IMG_EXTENSIONS), in path order, each
+    labelled 0: a pre-training set without classes. Its one split serves train and val alike."""
+
+    def __init__(self, root, transform=None):
+        self.paths = sorted(p for p in Path(root).rglob('*') if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+        if not self.paths:
+            raise DataError(f"no images under {root} (searched at any depth for {', '.join(IMG_EXTENSIONS)}): "
+                            f"pass a folder of images, or one with train/<class>/ and val/<class>/ folders")
+        self.transform, self.targets = transform, [0] * len(self.paths)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        img = load_rgb(self.paths[i])
+        return (self.transform(img) if self.transform else img), 0
+
+
 def dataset_labels(dataset):
     """Every image's label as a tensor (N,), when the data set holds them as a list; else None."""
     labels = getattr(dataset, 'targets', getattr(dataset, '_labels', None))
@@ -245,16 +279,91 @@ def check_one_batch(num_images, batch_size, world_size):
                         f"{batch_size} x {world_size} processes: lower --batch-size")
 
 
-def build_loader(dataset, batch_size, train, num_workers, device, seed=0, rank=0, world_size=1):
+def build_loader(dataset, batch_size, train, num_workers, device, seed=0, rank=0, world_size=1,
+                 strict_images=True):
     """A DataLoader over this process's shard. The sampler's order is a function of (seed, epoch):
     call `loader.sampler.set_epoch(epoch)` before each epoch. Training drops the last partial batch;
-    evaluation keeps it (under DDP the sampler pads the shard with a few repeated images)."""
+    evaluation keeps it (under DDP the sampler pads the shard with a few repeated images).
+    An unreadable image stops the run with its name, unless strict_images=False (training without
+    --strict-images): then it is skipped and counted (SkippingLoader, at the end of this file)."""
     if train:
         check_one_batch(len(dataset), batch_size, world_size)
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=train,
                                  seed=seed, drop_last=train)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      pin_memory=device.type == 'cuda', drop_last=train)
+    loader_args = dict(sampler=sampler, num_workers=num_workers, pin_memory=device.type == 'cuda',
+                       drop_last=train)
+    if not strict_images:
+        return SkippingLoader(dataset, batch_size, **loader_args)
+    return DataLoader(dataset, batch_size=batch_size, **loader_args)
+
+
+# --------------------------------------------------------------------------------------------------
+# Off the reading path: a long training run outlives a few unreadable images
+# --------------------------------------------------------------------------------------------------
+UNREADABLE_SHARE = 0.01     # of a batch; more, and the data is broken rather than a few files: stop
+
+
+class SkippingLoader:
+    """A training DataLoader, used like one (len, sampler, (inputs, labels) batches), on which an
+    unreadable image (load_rgb's DataError) gives way to the next image of the data set. Each such
+    file is named once on stderr (per process) and counted in `bad_images`, this epoch's count on
+    this process's shard (training.EpochProgress logs the sum over processes). More than 1% of a
+    batch unreadable, and more than one image, stops the run with one line. The loader's workers
+    send what they skipped along with each batch, so the count holds across worker processes."""
+
+    def __init__(self, dataset, batch_size, **loader_args):
+        self.batch_size, self.tolerance = batch_size, max(1, int(batch_size * UNREADABLE_SHARE))
+        self.loader = DataLoader(NextReadableImage(dataset, self.tolerance), batch_size=batch_size,
+                                 collate_fn=collate_with_skipped, **loader_args)
+        self.sampler = self.loader.sampler
+        self.named, self.bad_images = set(), 0
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        self.bad_images = 0
+        for inputs, labels, skipped in self.loader:
+            if len(skipped) > self.tolerance:
+                raise DataError(too_many_unreadable(skipped, f"one batch of {self.batch_size}"))
+            for message in skipped:
+                if message not in self.named:
+                    self.named.add(message)
+                    tqdm.write(f"skipped, training goes on: {message}", file=sys.stderr)
+            self.bad_images += len(skipped)
+            yield inputs, labels
+
+
+class NextReadableImage(Dataset):
+    """`dataset` in which an unreadable image gives way to the next one (index + 1, + 2, ...):
+    item i -> (image, label, the messages of the files passed over). More than `tolerance` in a row
+    stops the run (the batch they are for would have too many)."""
+
+    def __init__(self, dataset, tolerance):
+        self.dataset, self.tolerance = dataset, tolerance
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        skipped = []
+        for offset in range(self.tolerance + 1):
+            try:
+                return (*self.dataset[(index + offset) % len(self.dataset)], skipped)
+            except DataError as e:
+                skipped.append(str(e))
+        raise DataError(too_many_unreadable(skipped, 'a row'))
+
+
+def collate_with_skipped(samples):
+    """[(image, label, skipped messages)] -> (images, labels, every message skipped for the batch)."""
+    inputs, labels = default_collate([sample[:2] for sample in samples])
+    return inputs, labels, [message for sample in samples for message in sample[2]]
+
+
+def too_many_unreadable(skipped, where):
+    return (f"{len(skipped)} unreadable images in {where}, more than {UNREADABLE_SHARE:.0%} of a batch: the "
+            f"data looks broken, not one file; the first: {skipped[0]}")
 
 
 # --------------------------------------------------------------------------------------------------

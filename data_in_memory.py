@@ -19,23 +19,24 @@ from data import (IMAGENET_MEAN, IMAGENET_STD, DataError, Selection, build_datas
 
 def in_memory_loader(data, root, train, img_size, batch_size, augmentation=None,
                      stats=(IMAGENET_MEAN, IMAGENET_STD), crop_pct=1.0, subset=0, classes=(), device='cpu',
-                     seed=0, rank=0, world_size=1):
+                     seed=0, rank=0, world_size=1, unlabelled=False):
     """The training (augmentation given) or evaluation (crop_pct's view) loader of a data set decoded
-    into memory on `device`. -> (DeviceLoader, number of images, number of classes)."""
+    into memory on `device` (`unlabelled`: as data.build_dataset's). -> (DeviceLoader, number of
+    images, number of classes)."""
     images, labels, num_classes = decode_to_tensor(data, root, train, img_size, crop_pct, subset,
-                                                   classes, device)
+                                                   classes, device, unlabelled)
     loader = DeviceLoader(images, labels, batch_size, train, augmentation, stats, seed, rank, world_size)
     return loader, len(images), num_classes
 
 
-def decode_to_tensor(data, root, train, size, crop_pct=1.0, subset=0, classes=(), device='cpu'):
+def decode_to_tensor(data, root, train, size, crop_pct=1.0, subset=0, classes=(), device='cpu', unlabelled=False):
     """-> (images uint8 (N, 3, size, size) on device, labels (N,), num_classes). crop_pct=1 gives the
     training view, each image resized to size x size, in which DeviceLoader draws its crops; 0.875 the
     evaluation view (`center_view`). A training view of non-square images would keep only their center
     square, and crops could not reach the sides: refused, such images train on the per-image path."""
     geometry = center_view(size, crop_pct)
     dataset, num_classes = build_dataset(data, root, train, transform=None,
-                                         subset=subset, classes=classes)
+                                         subset=subset, classes=classes, unlabelled=unlabelled)
     base, keep = (dataset.dataset, dataset.indices) if isinstance(dataset, Selection) else (dataset, None)
     raw = getattr(base, 'data', None)
     if isinstance(raw, torch.Tensor) or type(raw).__name__ == 'ndarray':   # MNIST / CIFAR: one array

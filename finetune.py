@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torchvision.models import resnet18
 from torchvision.transforms import v2
 
 from data import Augmentation, build_dataset, build_loader, eval_transform, normalization, per_image_transform
@@ -31,17 +32,46 @@ from data_in_memory import in_memory_loader
 from rand_augment import rand_augment
 from operations import RunError, run_main
 from training import (Processes, add_common_args, adamw, announce, append_log, compile_and_wrap, evaluate,
-                      evaluate_checkpoint, parse_args, prepare_output, resume_checkpoint, save_checkpoint,
-                      seed_everything, train_one_epoch, warmup_cosine)
-from vit import load_pretrained, vit
+                      evaluate_checkpoint, grad_scaler, parse_args, prepare_output, resume_checkpoint, save_checkpoint,
+                      seed_everything, train_one_epoch, warmup_cosine, weight_decay_groups)
+from vit import SIZES, load_pretrained, vit
 
 STAGE = 'finetune'
 CLEAN_TRAIN_IMAGES = 10_000     # the training images the last epoch is evaluated on (a fixed sample)
+CONVNETS = ('resnet18',)        # the hand-designed reference of the paper's first claim (`convnet`)
 
 
 # --------------------------------------------------------------------------------------------------
-# The recipe's pieces: layer-wise lr decay, RandAugment spec, batch mixing
+# The recipe's pieces: which pre-trained blocks to keep, layer-wise lr decay, RandAugment spec, batch mixing
 # --------------------------------------------------------------------------------------------------
+def block_list(text):
+    """'0-5' -> [0, 1, 2, 3, 4, 5]; '0,2,6-11' -> [0, 2, 6, ..., 11]; a YAML list works too."""
+    if isinstance(text, (list, tuple)):
+        return sorted({int(b) for b in text})
+    try:
+        blocks = set()
+        for part in str(text).replace(' ', '').split(','):
+            first, _, last = part.partition('-')
+            blocks.update(range(int(first), int(last or first) + 1))
+        return sorted(blocks)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a list of block indices such as '0-5' or "
+                                         f"'0,1,6-11'") from None
+
+
+def keep_only_blocks(model, fresh_state, blocks):
+    """Undo the loading of every weight outside `blocks`: those get back their value in `fresh_state`
+    (the model's from-scratch initialisation). Block 0 brings the patch embedding, the position
+    embedding and the cls token with it. -> the names of the tensors kept from the checkpoint."""
+    if not all(0 <= b < model.depth for b in blocks):
+        raise RunError(f"--init-blocks {blocks}: the model has blocks 0..{model.depth - 1}")
+    kept = tuple(f'blocks.{b}.' for b in blocks) + (('patch_embed.', 'pos_embed', 'cls_token') if 0 in blocks else ())
+    state = model.state_dict()
+    model.load_state_dict({name: (value if name.startswith(kept) else fresh_state[name])
+                           for name, value in state.items()})
+    return [name for name in state if name.startswith(kept)]
+
+
 def layer_decay_groups(model, weight_decay, layer_decay):
     """Optimizer param groups for layer-wise lr decay (BEiT / MAE fine-tuning).
 
@@ -102,8 +132,12 @@ def build_batch_mixing(mixup, cutmix, num_classes):
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, epochs=300, warmup_epochs=5, batch_size=128, blr=1e-3, weight_decay=0.05,
-                    min_lr=1e-6)
+                    min_lr=1e-6, models=(*SIZES, *CONVNETS))
     g = parser.add_argument_group('fine-tuning')
+    g.add_argument('--init-blocks', type=block_list, default=None,
+                   help="take only these blocks from --init, e.g. '0-5' or '0,1,6-11' (with patch_embed, "
+                        "pos_embed and cls_token when block 0 is among them); every other weight starts as "
+                        "from scratch: the paper's re-initialisation study (default: all)")
     g.add_argument('--eval-only', action='store_true',
                    help='evaluate the fine-tuned checkpoint given by --init (with its head) and exit')
     g.add_argument('--global-pool', action=argparse.BooleanOptionalAction, default=True,
@@ -124,7 +158,8 @@ def build_parser():
                    help='the eval view: resize to img-size / crop-pct (bicubic), center crop (paper: 0.875; '
                         '1.0 shows the whole image, for tiny images such as 28 px ones)')
     g.add_argument('--eval-every', type=int, default=1,
-                   help='evaluate every this many epochs, and always after the last one')
+                   help='evaluate and save the checkpoint every this many epochs, and always after the '
+                        'last one')
 
     g = parser.add_argument_group('augmentation')
     g.add_argument('--min-crop-scale', type=float, default=0.08,
@@ -179,7 +214,8 @@ def build_train_loader(args, procs, rand_aug):
         args.data, args.data_root, train=True, subset=args.subset, classes=args.classes,
         transform=per_image_transform(augmentation, args.img_size, stats))
     loader = build_loader(dataset, args.batch_size, train=True, num_workers=args.num_workers,
-                          device=procs.device, seed=args.seed, rank=procs.rank, world_size=procs.world_size)
+                          device=procs.device, seed=args.seed, rank=procs.rank, world_size=procs.world_size,
+                          strict_images=args.strict_images)
     return loader, len(dataset), num_classes
 
 
@@ -190,6 +226,11 @@ def main(argv=None):
         raise RunError(f"--layer-decay must be in (0, 1], got {args.layer_decay}")
     if args.eval_only and not args.init:
         raise RunError("--eval-only evaluates the classifier given by --init: pass a fine-tuned checkpoint")
+    if args.init_blocks is not None and not args.init:
+        raise RunError("--init-blocks picks blocks of the --init checkpoint: pass --init CKPT too")
+    if args.model in CONVNETS and (args.layer_decay != 1 or args.init):
+        raise RunError(f"--model {args.model} is the from-scratch ConvNet reference: it takes no --init or "
+                       f"--eval-only, and no layer decay (pass --layer-decay 1.0)")
     procs = Processes(args.device)
     seed_everything(args.seed)
 
@@ -197,16 +238,25 @@ def main(argv=None):
     val_loader, num_val, num_classes = build_eval_loader(args, procs, train=False, subset=args.val_subset)
 
     # model -----------------------------------------------------------------------------------------
-    model = vit(args.model, img_size=args.img_size, patch_size=args.patch_size, num_classes=num_classes,
-                global_pool=args.global_pool, drop_path_rate=args.drop_path).to(procs.device)
+    if args.model in CONVNETS:
+        model = convnet(num_classes).to(procs.device)
+    else:
+        model = vit(args.model, img_size=args.img_size, patch_size=args.patch_size, num_classes=num_classes,
+                    global_pool=args.global_pool, drop_path_rate=args.drop_path).to(procs.device)
     if args.eval_only:
         evaluate_checkpoint(model, args.init, val_loader, num_val, procs, args)
         procs.close()
         return
     if args.init and not args.resume:
+        fresh_state = {name: value.clone() for name, value in model.state_dict().items()}
         report = load_pretrained(model, args.init)               # the head and fc_norm start fresh
         if procs.is_main:
             print(f"init from {args.init}: {report.summary()}", flush=True)
+        if args.init_blocks is not None:
+            kept = keep_only_blocks(model, fresh_state, args.init_blocks)
+            if procs.is_main:
+                print(f"--init-blocks {','.join(map(str, args.init_blocks))}: {len(kept)} tensors kept from "
+                      f"{args.init}; every other weight starts as from scratch", flush=True)
     elif not args.resume and procs.is_main:
         print("no --init: training from scratch (the supervised baseline)", flush=True)
 
@@ -219,17 +269,22 @@ def main(argv=None):
     effective_batch = args.batch_size * args.accum_iter * procs.world_size
     lr = args.lr if args.lr is not None else args.blr * effective_batch / 256   # the linear scaling rule
     lr_at = warmup_cosine(lr, args.min_lr, args.warmup_epochs, args.epochs)
-    groups = layer_decay_groups(model, args.weight_decay, args.layer_decay)
+    if args.model in CONVNETS:
+        groups = weight_decay_groups(model, args.weight_decay)
+    else:
+        groups = layer_decay_groups(model, args.weight_decay, args.layer_decay)
     if args.optimizer == 'adamw':
         optimizer = adamw(groups, lr, (0.9, 0.999), procs.device)
     else:   # the transfer recipe
         optimizer = torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
-    start_epoch, ckpt = resume_checkpoint(args.resume, STAGE, optimizer, model=model)
+    scaler = grad_scaler(args.amp, procs.device)                  # fp16 only
+    start_epoch, ckpt = resume_checkpoint(args.resume, STAGE, optimizer, scaler, model=model)
     best_top1 = ckpt['best_top1'] if ckpt else 0.0
     train_model = compile_and_wrap(model, procs, args.compile, args.compile_mode)
     out = Path(args.output_dir)
     announce(procs, model, lr, effective_batch, out, f" | {num_train} train / {num_val} val images, "
-                                                     f"{num_classes} classes, {len(loader)} steps/epoch")
+                                                     f"{num_classes} classes, {len(loader)} steps/epoch",
+             amp=args.amp)
     log = prepare_output(out, args, start_epoch, procs.is_main)
 
     # the loop --------------------------------------------------------------------------------------
@@ -238,7 +293,7 @@ def main(argv=None):
 
     for epoch in range(start_epoch, args.epochs):
         record = {'epoch': epoch, **train_one_epoch(train_model, loader, optimizer, losses, lr_at, epoch, procs,
-                                                    accum_iter=args.accum_iter, amp=args.amp,
+                                                    accum_iter=args.accum_iter, amp=args.amp, scaler=scaler,
                                                     clip_grad=args.clip_grad, seed=args.seed)}
         last, is_best = epoch + 1 == args.epochs, False
         if last or (epoch + 1) % args.eval_every == 0:
@@ -255,10 +310,12 @@ def main(argv=None):
         if procs.is_main:
             append_log(log, record)
             state = dict(stage=STAGE, epoch=epoch, args=vars(args), model=model.state_dict(),
-                         optimizer=optimizer.state_dict(), top1=record.get('val_top1'), best_top1=best_top1)
-            if is_best:   # before the last checkpoint: a crash in between only repeats this epoch
-                save_checkpoint(out / 'best.pth', **state)
-            save_checkpoint(out / 'checkpoint.pth', **state)
+                         optimizer=optimizer.state_dict(), scaler=scaler.state_dict() if scaler else None,
+                         top1=record.get('val_top1'), best_top1=best_top1)
+            if 'val_top1' in record:   # a checkpoint at each evaluation: --eval-every, and the last epoch
+                if is_best:   # before the last checkpoint: a crash in between only repeats this epoch
+                    save_checkpoint(out / 'best.pth', **state)
+                save_checkpoint(out / 'checkpoint.pth', **state)
             line = f"epoch {epoch}: loss {record['loss']:.4f}, {record['img_per_s']:.0f} img/s"
             if 'val_top1' in record:
                 line += (f", val top-1 {record['val_top1']:.2f}% top-5 {record['val_top5']:.2f}% "
@@ -268,6 +325,19 @@ def main(argv=None):
                          f"images (eval view)")
             print(line, flush=True)
     procs.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# The hand-designed reference: a ConvNet trained from scratch (the paper's first claim)
+# --------------------------------------------------------------------------------------------------
+def convnet(num_classes):
+    """torchvision's ResNet-18 with a stem for small images: a 3x3 convolution of stride 2 and no max
+    pool instead of the 7x7 stride-2 convolution and max pool (a 28-px image reaches layer 1 at 14 x 14
+    instead of 7 x 7). Random initialisation (torchvision's); any --img-size."""
+    model = resnet18(num_classes=num_classes)
+    model.conv1 = torch.nn.Conv2d(3, 64, kernel_size=3, stride=2, padding=1, bias=False)
+    model.maxpool = torch.nn.Identity()
+    return model
 
 
 if __name__ == '__main__':

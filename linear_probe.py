@@ -41,14 +41,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from data import Augmentation, build_dataset, build_loader, eval_transform, normalization, per_image_transform
 from data_in_memory import TensorBatches
 from operations import RunError, run_main
-from training import (Processes, add_common_args, announce, append_log, autocast, compile_and_wrap, evaluate,
-                      evaluate_checkpoint, parse_args, prepare_output, resume_checkpoint, save_checkpoint,
-                      seed_everything, train_one_epoch, warmup_cosine)
+from training import (Processes, add_common_args, announce, append_log, compile_and_wrap, evaluate,
+                      evaluate_checkpoint, extract_features, grad_scaler, knn_top1, parse_args, prepare_output,
+                      resume_checkpoint, save_checkpoint, seed_everything, train_one_epoch, warmup_cosine)
 from vit import load_pretrained, read_checkpoint, vit
 
 STAGE = 'linear_probe'
@@ -131,27 +130,13 @@ def encoder_fingerprint(model):
 # --------------------------------------------------------------------------------------------------
 # The fast mode: features extracted once, cached on disk
 # --------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def extract_features(model, dataset, procs, args):
-    """The frozen encoder's feature of every image, in order: (N, D) float32 and labels (N,)."""
-    loader = build_loader(dataset, args.batch_size, train=False, num_workers=args.num_workers,
-                          device=procs.device)
-    features, labels = [], []
-    for imgs, targets in tqdm(loader, desc="extracting features", disable=not procs.is_main,
-                              dynamic_ncols=True, leave=False):
-        with autocast(procs.device, args.amp):
-            tokens = model.encode(imgs.to(procs.device, non_blocking=True)).tokens   # (B, 1 + L, D)
-            features.append(model.pool(tokens).float())                             # (B, D)
-        labels.append(targets.to(procs.device))
-    return torch.cat(features), torch.cat(labels)
-
-
 def cached_features(model, train_set, val_set, procs, args):
     """Train and val features from OUTPUT_DIR/features.pt when it was made by this encoder on these
     images; otherwise extracted now and saved there. -> dict of (N, D) features and (N,) labels."""
     key = dict(encoder=encoder_fingerprint(model), model=args.model, feature=args.feature,
                data=str(args.data), data_root=str(args.data_root), img_size=args.img_size,
-               subset=args.subset, val_subset=args.val_subset, classes=args.classes, crop_pct=args.crop_pct)
+               subset=args.subset, val_subset=args.val_subset, classes=args.classes, crop_pct=args.crop_pct,
+               amp=args.amp)
     path = Path(args.output_dir) / 'features.pt'
     if path.exists():
         cache = read_checkpoint(path)
@@ -161,29 +146,19 @@ def cached_features(model, train_set, val_set, procs, args):
         print(f"the cache {path} holds other features (another encoder or data): re-extracting")
     start = time.time()
     cache = {}
-    cache['train'], cache['train_labels'] = extract_features(model, train_set, procs, args)
-    cache['val'], cache['val_labels'] = extract_features(model, val_set, procs, args)
+
+    def feature(imgs):                  # what the head sees (--feature): (B, 3, H, W) -> (B, D)
+        return model.pool(model.encode(imgs).tokens)
+
+    cache['train'], cache['train_labels'] = extract_features(feature, train_set, procs, args.batch_size,
+                                                             args.num_workers, args.amp,
+                                                             strict_images=args.strict_images)
+    cache['val'], cache['val_labels'] = extract_features(feature, val_set, procs, args.batch_size,
+                                                         args.num_workers, args.amp)
     save_checkpoint(path, key=key, **{name: t.cpu() for name, t in cache.items()})
     print(f"extracted {len(cache['train'])} train and {len(cache['val'])} val features of dim "
           f"{cache['train'].shape[1]} in {time.time() - start:.1f}s, cached in {path}")
     return cache
-
-
-@torch.no_grad()
-def knn_top1(train_features, train_labels, val_features, val_labels, k=20, temperature=0.07, chunk=1024):
-    """A second readout of the same frozen features, with nothing trained: the weighted k-nearest-
-    neighbour classifier of Wu et al. 2018 (as in DINO). Each val feature's k most cosine-similar
-    training features vote for their classes with weight exp(similarity / temperature); top-1 (%)."""
-    train = F.normalize(train_features, dim=1)                                  # (N, D)
-    num_classes = int(train_labels.max()) + 1
-    hits = 0
-    for start in range(0, len(val_features), chunk):
-        similarity = F.normalize(val_features[start:start + chunk], dim=1) @ train.T   # (b, N)
-        top_similarity, top_idx = similarity.topk(min(k, len(train)), dim=1)          # (b, k)
-        votes = torch.zeros(len(similarity), num_classes, device=similarity.device)
-        votes.scatter_add_(1, train_labels[top_idx], (top_similarity / temperature).exp())
-        hits += (votes.argmax(dim=1) == val_labels[start:start + chunk]).sum().item()
-    return 100 * hits / len(val_features)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -273,7 +248,8 @@ def main(argv=None):
         lr = args.lr if args.lr is not None else args.blr * effective_batch / 256   # the linear scaling rule
     lr_at = warmup_cosine(lr, args.min_lr, args.warmup_epochs, args.epochs)
     optimizer = LARS(model.head.parameters(), lr=lr, weight_decay=args.weight_decay)
-    start_epoch, _ = resume_checkpoint(args.resume, STAGE, optimizer, model=model)
+    scaler = grad_scaler(args.amp, procs.device)                  # fp16 only
+    start_epoch, _ = resume_checkpoint(args.resume, STAGE, optimizer, scaler, model=model)
 
     if args.cached_features:
         # the encoder never runs again: the head alone is the classifier of cached features, fed in
@@ -289,13 +265,13 @@ def main(argv=None):
         classifier = compile_and_wrap(model, procs, args.compile, args.compile_mode)
         loader = build_loader(train_set, args.batch_size, train=True, num_workers=args.num_workers,
                               device=procs.device, seed=args.seed, rank=procs.rank,
-                              world_size=procs.world_size)
+                              world_size=procs.world_size, strict_images=args.strict_images)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     out = Path(args.output_dir)
     announce(procs, model, lr, effective_batch, out,
              f" | frozen encoder {frozen / 1e6:.2f}M params, feature {args.feature}, "
              f"{'cached features' if args.cached_features else 'full protocol'} | "
-             f"{len(train_set)} images, {len(loader)} steps/epoch")
+             f"{len(train_set)} images, {len(loader)} steps/epoch", amp=args.amp)
     log = prepare_output(out, args, start_epoch, procs.is_main)
 
     # the loop --------------------------------------------------------------------------------------
@@ -307,7 +283,7 @@ def main(argv=None):
 
     for epoch in range(start_epoch, args.epochs):
         stats = train_one_epoch(classifier, loader, optimizer, losses, lr_at, epoch, procs,
-                                accum_iter=args.accum_iter, amp=args.amp, seed=args.seed)
+                                accum_iter=args.accum_iter, amp=args.amp, scaler=scaler, seed=args.seed)
         stats.update({f'val_{name}': value for name, value in
                       evaluate(classifier, val_loader, procs, args.amp).items()})
         if args.cached_features and epoch + 1 == args.epochs:
@@ -316,7 +292,8 @@ def main(argv=None):
             append_log(log, {'epoch': epoch, **stats})
             if (epoch + 1) % save_every == 0 or epoch + 1 == args.epochs:
                 save_checkpoint(out / 'checkpoint.pth', stage=STAGE, epoch=epoch,
-                                args=vars(args), model=model.state_dict(), optimizer=optimizer.state_dict())
+                                args=vars(args), model=model.state_dict(), optimizer=optimizer.state_dict(),
+                                scaler=scaler.state_dict() if scaler else None)
             print(f"epoch {epoch}: loss {stats['loss']:.4f}, train top-1 {stats['train_top1']:.2f}, "
                   f"val top-1 {stats['val_top1']:.2f}, top-5 {stats['val_top5']:.2f}", flush=True)
     procs.close()

@@ -1,115 +1,171 @@
 #!/usr/bin/env bash
-# The paper in miniature: its four claims tested on Fashion-MNIST on a laptop CPU, with seeds and error
-# bars, then RUN_DIR/REPORT.md and RUN_DIR/report.json (mini_report.py). About 30 minutes on 2 cores.
+# The paper in miniature: every claim of its abstract tested on Fashion-MNIST on a laptop CPU, with
+# pre-training seeds, fine-tune seeds and error bars, then RUN_DIR/REPORT.md and RUN_DIR/report.json
+# (mini_report.py, which states the verdict rule).
 #
-#   bash mini_paper.sh [RUN_DIR] [--full | --smoke] [--moco]
+#   bash mini_paper.sh [RUN_DIR] [--full | --smoke]
 #
-#   --full   on a GPU: longer schedules and more labels (same stages, same order), MoCo v3 included
+#   --full   on a GPU: all images, longer schedules, 1,000 labels, 3 pre-training x 5 fine-tune seeds
 #   --smoke  seconds per stage, to check the pipeline end to end (the tests use it); numbers mean nothing
-#   --moco   add the MoCo v3 stages (claim 2b) and a from-scratch reference on the unseen classes to the
-#            default run: about 12 minutes more on 2 cores
 #
 # The regime. Pre-training sees the images of 5 classes only (SOURCE: T-shirt, trouser, coat, sandal,
 # bag), without labels; the downstream task is the other 5 (TARGET: pullover, dress, shirt, sneaker,
 # ankle boot), which no pre-training saw. Fine-tunes use 20 labels per class (a fixed stratified
 # sample), one recipe for every init of a task (the paper's layer decay: 0.85 on the pre-training
-# classes as its ImageNet recipe, 0.75 for transfer; none from scratch), several seeds each, and are
-# checked to fit their own training images.
-#   claim 1  fine-tune on SOURCE labels: from MAE vs from scratch
-#   claim 2  fine-tune on TARGET labels: from supervised pre-training (SOURCE labels) vs from MAE
-#   claim 2b fine-tune on TARGET labels: from MoCo v3 (contrastive, no labels) vs from MAE (with --moco)
-#   claim 3  layer CKA between MAE and the supervised reference: lower layers vs higher layers
-#   claim 4  fine-tune on SOURCE labels: from D-MAE (teacher: a ViT-Small MAE trained longer) vs from MAE
+# classes as its ImageNet recipe, 0.75 for transfer; none from scratch), and are checked to fit their
+# own training images. Every pre-trained model that a claim compares has PRETRAIN_SEEDS seeds.
+#   claim 0  SOURCE: from MAE vs a ResNet-18 from scratch (its own tuned recipe)      noninferiority
+#   claim 1  SOURCE: from MAE vs a ViT-Tiny from scratch                               difference
+#   claim 2  TARGET: from supervised pre-training (SOURCE labels) vs from MAE          difference
+#   claim 2b TARGET: from MoCo v3 (contrastive, no labels) vs from MAE                 difference
+#   claim 3  layer CKA between MAE and the supervised reference: lower vs higher layers difference
+#   claim 3b SOURCE: MAE's blocks 0-5 kept (6-11 re-initialised) vs blocks 6-11 kept   difference
+#   claim 4  SOURCE: from D-MAE (teacher: a ViT-Small MAE trained longer) vs from MAE  difference
+#   claim 4b TARGET: from D-MAE vs from MAE                                            difference
+#   claim 5  SOURCE: MAE on all 30,000 images vs on 6,000, the same optimizer steps    equivalence
 #
-# Each `stage NAME command...` line is one stage: copy the command after the name to run it alone.
+# Each `stage NAME command...` or `later NAME command...` line is one stage: copy the command after
+# the name to run it alone. `later` stages are queued and run JOBS at a time, each with THREADS
+# threads: a 28-px ViT-Tiny step does not fill 2 cores, so two 1-thread stages side by side finish
+# sooner than one after the other (RESULTS.md has the measurement).
 set -euo pipefail
 cd "$(dirname "$0")"
 RUN=runs/mini_paper
 SIZE=quick
-MOCO=no
 for arg in "$@"; do
   case $arg in
-    --full) SIZE=full; MOCO=yes ;;
+    --full) SIZE=full ;;
     --smoke) SIZE=smoke ;;
-    --moco) MOCO=yes ;;
-    -*) echo "usage: bash mini_paper.sh [RUN_DIR] [--full | --smoke] [--moco]" >&2; exit 2 ;;
+    -*) echo "usage: bash mini_paper.sh [RUN_DIR] [--full | --smoke]" >&2; exit 2 ;;
     *) RUN=$arg ;;
   esac
 done
 PY=${PYTHON:-python}
 EXTRA=${MINI_PAPER_ARGS:-}     # e.g. MINI_PAPER_ARGS="--data-root /data" for every stage
+CORES=$(nproc)
+JOBS=${MINI_PAPER_JOBS:-$(( CORES >= 2 ? 2 : 1 ))}
+THREADS=${MINI_PAPER_THREADS:-$(( CORES / JOBS > 0 ? CORES / JOBS : 1 ))}
 SOURCE=0,1,4,5,8
 TARGET=2,3,6,7,9
 
-# schedules on top of the quick configs: MAE, teacher, D-MAE, supervised reference, MoCo v3, fine-tunes,
-# probes
+# schedules on top of the quick configs: MAE, its 5x smaller pre-training set (5x the epochs: the same
+# steps), teacher, D-MAE, supervised reference, MoCo v3, fine-tunes, probes, analysis; and the seeds
 case $SIZE in
-  quick) MAE=""; TEACHER=""; DMAE=""; SUP=""; MOCO_RUN=""; FT=""; PROBE=""; AN=""; SEEDS="0 1 2" ;;
-  full)  MAE="--epochs 100 --warmup-epochs 10"; TEACHER="--epochs 200 --warmup-epochs 20"
-         DMAE="--epochs 100 --warmup-epochs 10"; SUP="--subset 0 --epochs 30"
-         MOCO_RUN="--subset 0 --epochs 100 --warmup-epochs 10 --batch-size 256"
-         FT="--subset 1000 --epochs 100"; PROBE="--subset 0"; AN="--num-images 2000"; SEEDS="0 1 2 3 4" ;;
+  quick) MAE=""; SMALL="--subset 6000 --epochs 20 --warmup-epochs 2.5"; TEACHER=""; DMAE=""; SUP=""
+         MOCO=""; FT=""; PROBE=""; AN=""
+         PRETRAIN_SEEDS="0 1"; FINETUNE_SEEDS="0"; SCRATCH_SEEDS="0 1 2" ;;
+  full)  MAE="--epochs 100 --warmup-epochs 10"; SMALL="--subset 6000 --epochs 500 --warmup-epochs 50"
+         TEACHER="--epochs 200 --warmup-epochs 20"; DMAE="--epochs 100 --warmup-epochs 10"
+         SUP="--subset 0 --epochs 30"; MOCO="--subset 0 --epochs 100 --warmup-epochs 10 --batch-size 256"
+         FT="--subset 1000 --epochs 100"; PROBE="--subset 0"; AN="--num-images 2000"
+         PRETRAIN_SEEDS="0 1 2"; FINETUNE_SEEDS="0 1 2 3 4"; SCRATCH_SEEDS="0 1 2 3 4" ;;
   smoke) S="--img-size 14 --subset 64 --epochs 1 --warmup-epochs 0 --batch-size 32"
-         MAE=$S; TEACHER=$S; DMAE=$S; SUP=$S; MOCO_RUN="$S --mlp-dim 256 --out-dim 64"
-         FT="$S --val-subset 64"; PROBE="$S --val-subset 64"; AN="--num-images 64 --batch-size 32"; SEEDS="0" ;;
+         MAE=$S; SMALL="$S --subset 32"; TEACHER=$S; DMAE=$S; SUP=$S; MOCO="$S --mlp-dim 256 --out-dim 64"
+         FT="$S --val-subset 64"; PROBE="$S --val-subset 64"; AN="--num-images 64 --batch-size 32"
+         PRETRAIN_SEEDS="0"; FINETUNE_SEEDS="0"; SCRATCH_SEEDS="0" ;;
 esac
-mkdir -p "$RUN"
-stage() {   # stage NAME command...: run one stage, record its wall time in RUN/times.jsonl
+FIRST=${PRETRAIN_SEEDS%% *}    # the pre-training seed whose encoders are probed and analysed
+mkdir -p "$RUN/logs"
+rm -f "$RUN/times.jsonl" "$RUN/wall.jsonl" "$RUN/failed"
+START=$SECONDS
+
+stage() {   # stage NAME command...: run one stage now, its output in RUN/logs/NAME.log, its time in times.jsonl
   local name=$1 start=$SECONDS
   shift
-  echo "== $name: $*"
-  "$@"
-  echo "{\"stage\": \"$name\", \"seconds\": $((SECONDS - start))}" >> "$RUN/times.jsonl"
+  echo "== $name: OMP_NUM_THREADS=$THREADS $*"
+  if OMP_NUM_THREADS=$THREADS "$@" > "$RUN/logs/$name.log" 2>&1; then
+    echo "{\"stage\": \"$name\", \"seconds\": $((SECONDS - start)), \"threads\": $THREADS}" >> "$RUN/times.jsonl"
+    echo "   $name done in $((SECONDS - start)) s"
+  else
+    echo "   $name FAILED; the end of $RUN/logs/$name.log:" >&2
+    tail -5 "$RUN/logs/$name.log" >&2
+    echo "$name" >> "$RUN/failed"
+  fi
 }
-rm -f "$RUN/times.jsonl"
+QUEUE=()
+later() {   # later NAME command...: queue a stage for `run_queue`
+  QUEUE+=("$(printf '%q ' "$@")")
+}
+run_queue() {   # the queued stages, JOBS at a time, in the order queued (longest first); then wait for all
+  local job
+  for job in "${QUEUE[@]}"; do
+    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || true; done
+    eval "stage $job" &
+  done
+  wait
+  QUEUE=()
+  if [ -s "$RUN/failed" ]; then echo "stopped: $(tr '\n' ' ' < "$RUN/failed")failed" >&2; exit 1; fi
+}
 FINETUNE="$PY finetune.py --config configs/finetune_fashion_mnist_quick.yaml"
+CONVNET="$FINETUNE --model resnet18 --layer-decay 1.0 --blr 3e-3 --weight-decay 0.05"   # the recipe searched for it
 PROBE_CMD="$PY linear_probe.py --config configs/linprobe_fashion_mnist_quick.yaml"
 
-# 1. pre-training on the SOURCE images: MAE-Tiny, a bigger MAE teacher (ViT-Small, more image-passes),
-#    D-MAE-Tiny from that teacher (all three without labels), and the supervised reference (with labels)
-stage mae_tiny $PY pretrain_mae.py --config configs/mae_tiny_fashion_mnist_quick.yaml --classes $SOURCE $MAE $EXTRA --output-dir $RUN/mae_tiny
-stage mae_teacher $PY pretrain_mae.py --config configs/mae_small_teacher_fashion_mnist_quick.yaml --classes $SOURCE $TEACHER $EXTRA --output-dir $RUN/mae_teacher
-stage dmae_tiny $PY pretrain_distill.py --config configs/dmae_tiny_fashion_mnist_quick.yaml --classes $SOURCE --teacher $RUN/mae_teacher/checkpoint.pth $DMAE $EXTRA --output-dir $RUN/dmae_tiny
-stage supervised $PY finetune.py --config configs/supervised_fashion_mnist_quick.yaml --classes $SOURCE $SUP $EXTRA --output-dir $RUN/supervised
-if [ $MOCO = yes ]; then   # the contrastive baseline, without labels (quick: 4,096 images, its cost is ~10x MAE's per image)
-  stage moco_tiny $PY pretrain_moco.py --config configs/moco_tiny_fashion_mnist_quick.yaml --classes $SOURCE $MOCO_RUN $EXTRA --output-dir $RUN/moco_tiny
-fi
+# 1. pre-training on the SOURCE images, the longest first: a bigger MAE teacher (ViT-Small, more
+#    image-passes), then per seed MAE-Tiny, MoCo v3 and the supervised reference (with labels), and
+#    MAE-Tiny on a 5x smaller subset for the same number of steps
+later mae_teacher $PY pretrain_mae.py --config configs/mae_small_teacher_fashion_mnist_quick.yaml --classes $SOURCE $TEACHER $EXTRA --output-dir $RUN/mae_teacher
+for p in $PRETRAIN_SEEDS; do
+  later moco_tiny_p$p $PY pretrain_moco.py --config configs/moco_tiny_fashion_mnist_quick.yaml --classes $SOURCE --seed $p $MOCO $EXTRA --output-dir $RUN/moco_tiny_p$p
+  later supervised_p$p $PY finetune.py --config configs/supervised_fashion_mnist_quick.yaml --classes $SOURCE --seed $p $SUP $EXTRA --output-dir $RUN/supervised_p$p
+  later mae_tiny_p$p $PY pretrain_mae.py --config configs/mae_tiny_fashion_mnist_quick.yaml --classes $SOURCE --seed $p $MAE $EXTRA --output-dir $RUN/mae_tiny_p$p
+  later mae_small_data_p$p $PY pretrain_mae.py --config configs/mae_tiny_fashion_mnist_quick.yaml --classes $SOURCE --seed $p $SMALL $EXTRA --output-dir $RUN/mae_small_data_p$p
+done
+run_queue
 
-# 2. is the teacher better than its student? held-out reconstruction loss (same masks) and linear probe
-stage recon_mae_tiny $PY analyze.py reconstruct --ckpt $RUN/mae_tiny/checkpoint.pth --num-images 2000 $EXTRA --output-dir $RUN/recon_mae_tiny
-stage recon_teacher $PY analyze.py reconstruct --ckpt $RUN/mae_teacher/checkpoint.pth --num-images 2000 $EXTRA --output-dir $RUN/recon_teacher
-stage probe_random_src $PROBE_CMD --classes $SOURCE $PROBE $EXTRA --output-dir $RUN/probe_random_src
-stage probe_mae_src $PROBE_CMD --classes $SOURCE --init $RUN/mae_tiny/checkpoint.pth $PROBE $EXTRA --output-dir $RUN/probe_mae_src
-stage probe_teacher_src $PROBE_CMD --classes $SOURCE --model vit_small --init $RUN/mae_teacher/checkpoint.pth $PROBE $EXTRA --output-dir $RUN/probe_teacher_src
-stage probe_dmae_src $PROBE_CMD --classes $SOURCE --init $RUN/dmae_tiny/checkpoint.pth $PROBE $EXTRA --output-dir $RUN/probe_dmae_src
-stage probe_supervised_src $PROBE_CMD --classes $SOURCE --init $RUN/supervised/checkpoint.pth $PROBE $EXTRA --output-dir $RUN/probe_supervised_src
-# claim 2's readouts of frozen features (linear probe, kNN) on the unseen classes
-stage probe_mae_dst $PROBE_CMD --classes $TARGET --init $RUN/mae_tiny/checkpoint.pth $PROBE $EXTRA --output-dir $RUN/probe_mae_dst
-stage probe_supervised_dst $PROBE_CMD --classes $TARGET --init $RUN/supervised/checkpoint.pth $PROBE $EXTRA --output-dir $RUN/probe_supervised_dst
-if [ $MOCO = yes ]; then
-  stage probe_moco_src $PROBE_CMD --classes $SOURCE --init $RUN/moco_tiny/checkpoint.pth $PROBE $EXTRA --output-dir $RUN/probe_moco_src
-  stage probe_moco_dst $PROBE_CMD --classes $TARGET --init $RUN/moco_tiny/checkpoint.pth $PROBE $EXTRA --output-dir $RUN/probe_moco_dst
-  stage probe_random_dst $PROBE_CMD --classes $TARGET $PROBE $EXTRA --output-dir $RUN/probe_random_dst
-fi
+# 2. D-MAE-Tiny from the teacher, per seed; is the teacher better than its student? (held-out
+#    reconstruction loss on the same masks, and linear probe); frozen readouts (probe + kNN) of the
+#    first seed's encoders, on the pre-training classes (src) and the unseen ones (dst)
+for p in $PRETRAIN_SEEDS; do
+  later dmae_tiny_p$p $PY pretrain_distill.py --config configs/dmae_tiny_fashion_mnist_quick.yaml --classes $SOURCE --teacher $RUN/mae_teacher/checkpoint.pth --seed $p $DMAE $EXTRA --output-dir $RUN/dmae_tiny_p$p
+done
+later recon_mae_tiny $PY analyze.py reconstruct --ckpt $RUN/mae_tiny_p$FIRST/checkpoint.pth --num-images 2000 $EXTRA --output-dir $RUN/recon_mae_tiny
+later recon_teacher $PY analyze.py reconstruct --ckpt $RUN/mae_teacher/checkpoint.pth --num-images 2000 $EXTRA --output-dir $RUN/recon_teacher
+later probe_random_src $PROBE_CMD --classes $SOURCE $PROBE $EXTRA --output-dir $RUN/probe_random_src
+later probe_teacher_src $PROBE_CMD --classes $SOURCE --model vit_small --init $RUN/mae_teacher/checkpoint.pth $PROBE $EXTRA --output-dir $RUN/probe_teacher_src
+for model in mae_tiny supervised moco_tiny; do
+  for task in src dst; do
+    classes=$([ $task = src ] && echo $SOURCE || echo $TARGET)
+    later probe_${model%_tiny}_$task $PROBE_CMD --classes $classes --init $RUN/${model}_p$FIRST/checkpoint.pth $PROBE $EXTRA --output-dir $RUN/probe_${model%_tiny}_$task
+  done
+done
+run_queue
 
-# 3. fine-tunes on a few labels, every seed: the SOURCE task (claims 1 and 4), the TARGET task (claim 2)
-for seed in $SEEDS; do
-  stage ft_scratch_s$seed $FINETUNE --classes $SOURCE --layer-decay 1.0 --seed $seed $FT $EXTRA --output-dir $RUN/ft_scratch_s$seed
-  stage ft_mae_s$seed $FINETUNE --classes $SOURCE --init $RUN/mae_tiny/checkpoint.pth --seed $seed $FT $EXTRA --output-dir $RUN/ft_mae_s$seed
-  stage ft_dmae_s$seed $FINETUNE --classes $SOURCE --init $RUN/dmae_tiny/checkpoint.pth --seed $seed $FT $EXTRA --output-dir $RUN/ft_dmae_s$seed
-  stage transfer_mae_s$seed $FINETUNE --classes $TARGET --layer-decay 0.75 --init $RUN/mae_tiny/checkpoint.pth --seed $seed $FT $EXTRA --output-dir $RUN/transfer_mae_s$seed
-  stage transfer_supervised_s$seed $FINETUNE --classes $TARGET --layer-decay 0.75 --init $RUN/supervised/checkpoint.pth --seed $seed $FT $EXTRA --output-dir $RUN/transfer_supervised_s$seed
-  if [ $MOCO = yes ]; then
-    stage transfer_moco_s$seed $FINETUNE --classes $TARGET --layer-decay 0.75 --init $RUN/moco_tiny/checkpoint.pth --seed $seed $FT $EXTRA --output-dir $RUN/transfer_moco_s$seed
-    stage transfer_scratch_s$seed $FINETUNE --classes $TARGET --layer-decay 1.0 --seed $seed $FT $EXTRA --output-dir $RUN/transfer_scratch_s$seed
-  fi
+# 3. fine-tunes on a few labels: the SOURCE task (claims 0, 1, 3b, 4, 5), the TARGET task (2, 2b, 4b);
+#    from scratch per fine-tune seed (the ResNet-18 first: the longest), from a pre-trained model per
+#    pre-training seed x fine-tune seed
+for s in $SCRATCH_SEEDS; do
+  later ft_convnet_s$s $CONVNET --classes $SOURCE --seed $s $FT $EXTRA --output-dir $RUN/ft_convnet_s$s
+  later ft_scratch_s$s $FINETUNE --classes $SOURCE --layer-decay 1.0 --seed $s $FT $EXTRA --output-dir $RUN/ft_scratch_s$s
+  later transfer_scratch_s$s $FINETUNE --classes $TARGET --layer-decay 1.0 --seed $s $FT $EXTRA --output-dir $RUN/transfer_scratch_s$s
+done
+for p in $PRETRAIN_SEEDS; do
+  for s in $FINETUNE_SEEDS; do
+    opts="--seed $s $FT $EXTRA"
+    later ft_mae_p${p}_s$s $FINETUNE --classes $SOURCE --init $RUN/mae_tiny_p$p/checkpoint.pth $opts --output-dir $RUN/ft_mae_p${p}_s$s
+    later ft_dmae_p${p}_s$s $FINETUNE --classes $SOURCE --init $RUN/dmae_tiny_p$p/checkpoint.pth $opts --output-dir $RUN/ft_dmae_p${p}_s$s
+    later ft_mae_small_data_p${p}_s$s $FINETUNE --classes $SOURCE --init $RUN/mae_small_data_p$p/checkpoint.pth $opts --output-dir $RUN/ft_mae_small_data_p${p}_s$s
+    later ft_mae_low_p${p}_s$s $FINETUNE --classes $SOURCE --init $RUN/mae_tiny_p$p/checkpoint.pth --init-blocks 0-5 $opts --output-dir $RUN/ft_mae_low_p${p}_s$s
+    later ft_mae_high_p${p}_s$s $FINETUNE --classes $SOURCE --init $RUN/mae_tiny_p$p/checkpoint.pth --init-blocks 6-11 $opts --output-dir $RUN/ft_mae_high_p${p}_s$s
+    for model in mae_tiny supervised moco_tiny dmae_tiny; do
+      name=${model%_tiny}
+      later transfer_${name}_p${p}_s$s $FINETUNE --classes $TARGET --layer-decay 0.75 --init $RUN/${model}_p$p/checkpoint.pth $opts --output-dir $RUN/transfer_${name}_p${p}_s$s
+    done
+  done
 done
 
-# 4. analysis: layer CKA of MAE against the supervised reference (claim 3), attention distance/entropy
-stage cka_mae_vs_supervised $PY analyze.py cka --a $RUN/mae_tiny/checkpoint.pth --b $RUN/supervised/checkpoint.pth $AN $EXTRA --output-dir $RUN/cka_mae_vs_supervised
-for model in mae_tiny dmae_tiny mae_teacher supervised; do
-  stage attention_$model $PY analyze.py attention --ckpt $RUN/$model/checkpoint.pth $AN $EXTRA --output-dir $RUN/attention_$model
+# 4. analysis of the first seed's encoders: D-MAE's probes, layer CKA of MAE against the supervised
+#    reference (claim 3), attention distance and entropy of each model (drawn, not judged)
+for task in src dst; do
+  classes=$([ $task = src ] && echo $SOURCE || echo $TARGET)
+  later probe_dmae_$task $PROBE_CMD --classes $classes --init $RUN/dmae_tiny_p$FIRST/checkpoint.pth $PROBE $EXTRA --output-dir $RUN/probe_dmae_$task
 done
+later cka_mae_vs_supervised $PY analyze.py cka --a $RUN/mae_tiny_p$FIRST/checkpoint.pth --b $RUN/supervised_p$FIRST/checkpoint.pth $AN $EXTRA --output-dir $RUN/cka_mae_vs_supervised
+for model in mae_tiny dmae_tiny moco_tiny supervised; do
+  later attention_$model $PY analyze.py attention --ckpt $RUN/${model}_p$FIRST/checkpoint.pth $AN $EXTRA --output-dir $RUN/attention_$model
+done
+later attention_mae_teacher $PY analyze.py attention --ckpt $RUN/mae_teacher/checkpoint.pth $AN $EXTRA --output-dir $RUN/attention_mae_teacher
+run_queue
 
 # 5. the report: REPORT.md and report.json
+echo "{\"seconds\": $((SECONDS - START)), \"jobs\": $JOBS, \"threads\": $THREADS}" >> "$RUN/wall.jsonl"
 $PY mini_report.py $RUN

@@ -2,26 +2,27 @@
 
     python mini_report.py runs/mini_paper
 
-Each of the paper's four claims (its abstract and Sec. 4-5; claim 2 twice when the run has
-MoCo v3, `mini_paper.sh --moco`: against supervised and against contrastive pre-training) becomes one
-comparison of two sets of numbers: `higher`, what the claim says should come out higher, and `lower`, one number per
-seed (claim 3: one per layer). The verdict follows from those numbers alone:
+Each claim of the paper's abstract becomes one comparison of two sets of numbers, `higher` (what the
+claim says should come out higher) and `lower`. A side that was pre-trained holds one number per
+pre-training seed (the mean of that seed's fine-tunes), a side trained from scratch one per fine-tune
+seed, claim 3 one per layer. With diff = mean(higher) - mean(lower) and SE its Welch standard error,
+sqrt(s_h^2 / n_h + s_l^2 / n_l), the verdict follows from those numbers alone (`verdict`):
 
-    agrees     mean(higher) - mean(lower) > 2 x SE of the difference, SE = sqrt(se_h^2 + se_l^2),
-               se = sample std / sqrt(n)
-    disagrees  otherwise: within two standard errors (not shown), or reversed
-    untested   fewer than 2 numbers on a side, a fine-tune that did not fit its own training images
-               (clean train top-1 below 90%: not converged, so not evidence), or, for claim 4, a
-               teacher that is not better than its student (held-out reconstruction loss and probe)
+    kind            "agrees" exactly when           "disagrees" exactly when
+    difference      diff > 2 SE                      diff < -2 SE
+    equivalence     |diff| + 2 SE <= margin          |diff| - 2 SE > margin
+    noninferiority  diff - 2 SE > -margin            diff + 2 SE < -margin
 
-The run folders it reads (mini_paper.sh writes them):
-    ft_{scratch,mae,dmae}_s{seed}          fine-tunes on a few labels of the pre-training classes
-    transfer_{mae,supervised,moco}_s{seed} fine-tunes on a few labels of the classes it never saw
-    probe_{model}_{src,dst}                linear probe (+ kNN) of a frozen encoder
-    recon_{mae_tiny,teacher}               held-out reconstruction loss (the teacher check)
-    cka_mae_vs_supervised                  layer CKA of MAE against the supervised reference
-    moco_tiny                              MoCo v3 pre-training (when the run has it)
-    times.jsonl                            the wall time of every stage
+Anything else is "not shown". "untested": fewer than 2 numbers on a side, a fine-tune that did not
+fit its own labelled set (clean train top-1 below 90%), or, for the D-MAE claims, a teacher that is
+not better than its student (held-out reconstruction loss and probe). The margins are in CLAIMS and
+README says why. ablate.py judges its comparisons with the same `verdict`.
+
+The run folders it reads (mini_paper.sh writes them): ft_<init>[_p<P>]_s<S> (fine-tunes on a few labels
+of the pre-training classes: P the pre-training seed, S the fine-tune seed), transfer_<init>[_p<P>]_s<S>
+(on the classes no pre-training saw), probe_<model>_{src,dst} (linear probe + kNN of the first
+pre-training seed), recon_{mae_tiny,teacher} (held-out reconstruction loss), cka_mae_vs_supervised,
+attention_<model>, and times.jsonl (the wall time of every stage).
 """
 import argparse
 import json
@@ -48,13 +49,20 @@ def mean_and_se(values):
     return mean, math.sqrt(variance / n)
 
 
-def verdict(higher, lower, untested_because=None):
-    """-> (verdict, difference of means, its SE). See the module docstring for the rule."""
+def verdict(kind, higher, lower, margin=None, untested_because=None):
+    """-> (verdict, diff, SE) by the rule of the module docstring; kind is 'difference',
+    'equivalence' or 'noninferiority' (the last two need a margin)."""
     if untested_because or len(higher) < 2 or len(lower) < 2:
         return 'untested', math.nan, math.nan
     (mean_h, se_h), (mean_l, se_l) = mean_and_se(higher), mean_and_se(lower)
-    difference, se = mean_h - mean_l, math.sqrt(se_h ** 2 + se_l ** 2)
-    return ('agrees' if difference > 2 * se else 'disagrees'), difference, se
+    diff, se = mean_h - mean_l, math.sqrt(se_h ** 2 + se_l ** 2)
+    if kind == 'difference':
+        agrees, disagrees = diff > 2 * se, diff < -2 * se
+    elif kind == 'equivalence':
+        agrees, disagrees = abs(diff) + 2 * se <= margin, abs(diff) - 2 * se > margin
+    else:   # noninferiority
+        agrees, disagrees = diff - 2 * se > -margin, diff + 2 * se < -margin
+    return ('agrees' if agrees else 'disagrees' if disagrees else 'not shown'), diff, se
 
 
 def describe(values, digits=1):
@@ -66,21 +74,28 @@ def describe(values, digits=1):
     return f"{mean:.{digits}f}{spread} (n={len(values)})"
 
 
-def claim(statement, higher_name, higher, lower_name, lower, unit, untested_because=None, digits=1):
-    """One claim: its verdict and the sentence that says it with its numbers."""
-    result, difference, se = verdict(higher, lower, untested_because)
+RULES = {'difference': "difference more than twice its standard error",
+         'equivalence': "|difference| + 2 SE within the margin {margin}",
+         'noninferiority': "difference - 2 SE above -{margin}"}
+
+
+def judge(statement, kind, higher_name, higher, lower_name, lower, unit, margin=None, untested_because=None,
+          note=None, digits=1, seeds=(None, None)):
+    """One claim: its verdict, the numbers and the sentence that says it."""
+    result, diff, se = verdict(kind, higher, lower, margin, untested_because)
     numbers = f"{higher_name} {describe(higher, digits)} vs {lower_name} {describe(lower, digits)} {unit}"
     if result == 'untested':
-        reason = untested_because or 'fewer than two numbers on a side'
-        sentence = f"*{statement}*: untested ({reason}; {numbers})."
-    elif result == 'agrees':
-        sentence = (f"*{statement}*: agrees ({numbers}; difference {difference:+.{digits + 1}f}, more than "
-                    f"twice its standard error {se:.{digits + 1}f}).")
+        sentence = f"*{statement}*: untested ({untested_because or 'fewer than two numbers on a side'}; {numbers})."
     else:
-        how = 'reversed' if difference < -2 * se else 'within two standard errors'
-        sentence = (f"*{statement}*: does not show ({numbers}; difference {difference:+.{digits + 1}f} "
-                    f"with standard error {se:.{digits + 1}f}: {how}).")
-    return {'verdict': result, 'sentence': sentence,
+        rule = RULES[kind].format(margin=margin)
+        how = {'agrees': f"shown: {rule}", 'disagrees': "the numbers say the opposite",
+               'not shown': f"not shown: the rule asks for a {rule}"}[result]
+        sentence = (f"*{statement}*: {result} ({numbers}; difference {diff:+.{digits + 1}f}, standard "
+                    f"error {se:.{digits + 1}f}; {how}).")
+    if note and result != 'agrees':
+        sentence += f" {note}"
+    return {'verdict': result, 'sentence': sentence, 'kind': kind, 'margin': margin,
+            'pretrain_seeds': seeds[0], 'finetune_seeds': seeds[1], 'difference': diff, 'se': se,
             'higher': {'name': higher_name, 'values': higher}, 'lower': {'name': lower_name, 'values': lower}}
 
 
@@ -98,17 +113,19 @@ def last_record(run_dir, key):
 
 
 def read_finetunes(run):
-    """Every finished fine-tune of the run: name, init, task, labels, seed, top-1 (last epoch, not the
-    best: picking the best epoch on the test images would flatter it), clean train top-1."""
+    """Every finished fine-tune of the run: name, init, task, labels, pre-training seed (None for a
+    start from scratch), fine-tune seed, top-1 (last epoch, not the best: picking the best epoch on
+    the test images would flatter it), clean train top-1."""
     finetunes = []
     for folder in sorted(run.iterdir()):
-        match = re.fullmatch(r'(ft|transfer)_(\w+?)_s(\d+)', folder.name)
+        match = re.fullmatch(r'(ft|transfer)_(\w+?)(?:_p(\d+))?_s(\d+)', folder.name)
         record = last_record(folder, 'train_top1') if match else None
         if record is None:
             continue
         config = yaml.safe_load((folder / 'config.yaml').read_text())
         finetunes.append({'name': folder.name, 'init': match[2], 'task': 'source' if match[1] == 'ft' else
-                          'downstream', 'labels': config['subset'], 'seed': int(match[3]),
+                          'downstream', 'labels': config['subset'],
+                          'pretrain_seed': None if match[3] is None else int(match[3]), 'seed': int(match[4]),
                           'top1': record['val_top1'], 'train_top1': record['train_top1']})
     return finetunes
 
@@ -133,16 +150,37 @@ def cka_diagonal(run, name):
 
 
 # --------------------------------------------------------------------------------------------------
-# The four claims
+# The claims
 # --------------------------------------------------------------------------------------------------
-def top1s(finetunes, task, init):
-    return [f['top1'] for f in finetunes if f['task'] == task and f['init'] == init]
+def of(finetunes, task, init):
+    return [f for f in finetunes if f['task'] == task and f['init'] == init]
+
+
+def values(finetunes, task, init):
+    """One number per pre-training seed (the mean of its fine-tunes), or per fine-tune seed for a start
+    from scratch."""
+    runs = of(finetunes, task, init)
+    if all(f['pretrain_seed'] is None for f in runs):
+        return [f['top1'] for f in sorted(runs, key=lambda f: f['seed'])]
+    by_seed = {}
+    for f in runs:
+        by_seed.setdefault(f['pretrain_seed'], []).append(f['top1'])
+    return [sum(top1s) / len(top1s) for _, top1s in sorted(by_seed.items())]
+
+
+def seed_counts(finetunes, task, inits):
+    """(pre-training seeds, fine-tune seeds per pre-training seed) of the pre-trained sides."""
+    runs = [f for init in inits for f in of(finetunes, task, init) if f['pretrain_seed'] is not None]
+    if not runs:
+        return None, None
+    pretrain = {f['pretrain_seed'] for f in runs}
+    return len(pretrain), len(runs) // max(1, len(pretrain) * len({f['init'] for f in runs}))
 
 
 def unconverged(finetunes, task, inits):
     """The reason a comparison is no evidence, when one of its fine-tunes did not fit its training set."""
-    bad = [f"{f['name']} {f['train_top1']:.1f}%" for f in finetunes
-           if f['task'] == task and f['init'] in inits and f['train_top1'] < CONVERGED_TRAIN_TOP1]
+    bad = [f"{f['name']} {f['train_top1']:.1f}%" for init in inits for f in of(finetunes, task, init)
+           if f['train_top1'] < CONVERGED_TRAIN_TOP1]
     return (f"not converged: clean train top-1 below {CONVERGED_TRAIN_TOP1:.0f}% for {', '.join(bad)}"
             if bad else None)
 
@@ -159,80 +197,117 @@ def teacher_check(run):
                     f"{probe_teacher:.1f}% vs {probe_student:.1f}%")
 
 
+def frozen_readouts(run, higher, lower, split):
+    """The sentence for a fine-tune claim that is not shown: do the frozen features still differ?"""
+    (probe_h, knn_h), (probe_l, knn_l) = probe_result(run, f'probe_{higher}_{split}'), probe_result(run, f'probe_{lower}_{split}')
+    if None in (probe_h, probe_l):
+        return None
+    knn = f", kNN {knn_h - knn_l:+.1f}" if None not in (knn_h, knn_l) else ''
+    return (f"The frozen features of the first pre-training seed still differ (linear probe "
+            f"{probe_h - probe_l:+.1f}{knn}, one run each): the fine-tune erases the difference.")
+
+
+# (id, kind, statement, higher init, lower init, task, margin, what the claim needs beyond converged fine-tunes)
+CLAIMS = [
+    ('0', 'noninferiority', "MAE pre-training makes a vanilla ViT-Tiny comparable to a hand-designed ConvNet "
+     "(ResNet-18, trained from scratch with its own tuned recipe)", 'mae', 'convnet', 'source', 2.0, None),
+    ('1', 'difference', "MAE pre-training, then fine-tuning, beats supervised training from scratch",
+     'mae', 'scratch', 'source', None, None),
+    ('2', 'difference', "MAE transfers worse than supervised pre-training to a data-insufficient task it never saw",
+     'supervised', 'mae', 'downstream', None, None),
+    ('2b', 'difference', "MAE transfers worse than contrastive (MoCo v3) pre-training to a data-insufficient "
+     "task it never saw", 'moco', 'mae', 'downstream', None, None),
+    ('3b', 'difference', "With enough labels downstream, MAE's lower layers matter more than its higher ones "
+     "(keep blocks 0-5 of MAE, re-initialise the rest; vs keep blocks 6-11)", 'mae_low', 'mae_high', 'source',
+     None, None),
+    ('4', 'difference', "D-MAE (distilling a bigger MAE's attention during pre-training) beats plain MAE after "
+     "fine-tuning", 'dmae', 'mae', 'source', None, 'teacher'),
+    ('4b', 'difference', "D-MAE beats plain MAE on the data-insufficient task it never saw", 'dmae', 'mae',
+     'downstream', None, 'teacher'),
+    ('5', 'equivalence', "MAE gains nothing from more pre-training data (30,000 images vs 6,000, the same "
+     "optimizer steps)", 'mae', 'mae_small_data', 'source', 1.5, None),
+]
+INIT_NAMES = {'mae': 'from MAE', 'convnet': 'ResNet-18 from scratch', 'scratch': 'ViT-Tiny from scratch',
+              'supervised': 'from supervised pre-training', 'moco': 'from MoCo v3', 'dmae': 'from D-MAE',
+              'mae_low': 'MAE blocks 0-5 kept', 'mae_high': 'MAE blocks 6-11 kept',
+              'mae_small_data': 'from MAE on 6,000 images'}
+PROBES = {'mae': 'mae', 'dmae': 'dmae', 'moco': 'moco', 'supervised': 'supervised'}   # init -> probe name
+ATTENTION_NOT_JUDGED = ("The attention plots (distance and entropy per head) are drawn, not judged: the "
+                        "direction of the paper's attention finding (which model attends more locally, in "
+                        "which layers) is not stated in the material this project was built from, and a "
+                        "verdict needs a stated direction.")
+
+
 def the_claims(run, finetunes):
     labels = {f['task']: f['labels'] for f in finetunes}
-    source = f"top-1 % on the pre-training classes, {labels.get('source', '?')} labels"
-    downstream = f"top-1 % on the unseen classes, {labels.get('downstream', '?')} labels"
+    units = {'source': f"top-1 % on the pre-training classes, {labels.get('source', '?')} labels",
+             'downstream': f"top-1 % on the unseen classes, {labels.get('downstream', '?')} labels"}
+    teacher_ok, teacher_sentence = teacher_check(run)
+    claims = {}
+    for number, kind, statement, higher, lower, task, margin, needs in CLAIMS:
+        split = 'src' if task == 'source' else 'dst'
+        why = unconverged(finetunes, task, (higher, lower))
+        if needs == 'teacher' and not teacher_ok:
+            why = why or f"the teacher is not stronger: {teacher_sentence}"
+        note = (frozen_readouts(run, PROBES[higher], PROBES[lower], split)
+                if higher in PROBES and lower in PROBES else None)
+        claims[number] = judge(statement, kind, INIT_NAMES[higher], values(finetunes, task, higher),
+                               INIT_NAMES[lower], values(finetunes, task, lower), units[task], margin, why, note,
+                               seeds=seed_counts(finetunes, task, (higher, lower)))
     diagonal = cka_diagonal(run, 'cka_mae_vs_supervised')
     third = max(1, len(diagonal) // 3)
-    teacher_ok, teacher_sentence = teacher_check(run)
-    claims = {
-        '1': claim("MAE pre-training, then fine-tuning, beats supervised training from scratch",
-                   'from MAE', top1s(finetunes, 'source', 'mae'),
-                   'from scratch', top1s(finetunes, 'source', 'scratch'), source,
-                   unconverged(finetunes, 'source', ('mae', 'scratch'))),
-        '2': claim("MAE transfers worse than supervised pre-training to a data-insufficient task it never saw",
-                   'from supervised pre-training', top1s(finetunes, 'downstream', 'supervised'),
-                   'from MAE', top1s(finetunes, 'downstream', 'mae'), downstream,
-                   unconverged(finetunes, 'downstream', ('mae', 'supervised'))),
-        '3': claim("MAE's lower layers resemble a supervised model's more than its higher layers do",
-                   f"CKA of the lowest {third} layers", diagonal[:third],
-                   f"CKA of the highest {third} layers", diagonal[-third:] if diagonal else [],
-                   '(layer i of MAE vs layer i of the supervised reference)', digits=2),
-        '4': claim("D-MAE (distilling a bigger MAE's attention during pre-training) beats plain MAE after fine-tuning",
-                   'from D-MAE', top1s(finetunes, 'source', 'dmae'),
-                   'from MAE', top1s(finetunes, 'source', 'mae'), source,
-                   unconverged(finetunes, 'source', ('dmae', 'mae'))
-                   or (None if teacher_ok else f"the teacher is not stronger: {teacher_sentence}")),
-    }
-    if has_moco(run):
-        claims['2b'] = claim("MAE transfers worse than contrastive (MoCo v3) pre-training to a data-insufficient "
-                             "task it never saw", 'from MoCo v3', top1s(finetunes, 'downstream', 'moco'),
-                             'from MAE', top1s(finetunes, 'downstream', 'mae'), downstream,
-                             unconverged(finetunes, 'downstream', ('mae', 'moco')))
+    claims['3'] = judge("MAE's lower layers resemble a supervised model's more than its higher layers do",
+                        'difference', f"CKA of the lowest {third} layers", diagonal[:third],
+                        f"CKA of the highest {third} layers", diagonal[-third:] if diagonal else [],
+                        '(layer i of MAE vs layer i of the supervised reference, first pre-training seeds)',
+                        digits=2, seeds=(1, None))
+    claims['6'] = {'verdict': 'untested', 'kind': None, 'margin': None, 'pretrain_seeds': None,
+                   'finetune_seeds': None, 'sentence': f"*The attention maps show the effect of the "
+                   f"pre-training*: untested. {ATTENTION_NOT_JUDGED}",
+                   'higher': {'name': None, 'values': []}, 'lower': {'name': None, 'values': []}}
     return dict(sorted(claims.items())), teacher_sentence
-
-
-def has_moco(run):
-    return (run / 'moco_tiny').is_dir()
 
 
 # --------------------------------------------------------------------------------------------------
 # REPORT.md and report.json
 # --------------------------------------------------------------------------------------------------
 ROWS = [   # (label of the row, init name of its fine-tunes, its probe runs' model name)
-    ('none: random init, supervised from scratch', 'scratch', 'random'),
+    ('none: ViT-Tiny from scratch (random init)', 'scratch', 'random'),
+    ('none: ResNet-18 from scratch', 'convnet', None),
     ('MAE ViT-Tiny (no labels)', 'mae', 'mae'),
+    ('MAE ViT-Tiny on 6,000 of the images, same steps', 'mae_small_data', None),
+    ('MAE ViT-Tiny, blocks 0-5 kept, 6-11 re-initialised', 'mae_low', None),
+    ('MAE ViT-Tiny, blocks 6-11 kept, 0-5 re-initialised', 'mae_high', None),
     ('D-MAE ViT-Tiny from the teacher (no labels)', 'dmae', 'dmae'),
     ('MAE ViT-Small, the teacher (no labels)', None, 'teacher'),
     ('supervised ViT-Tiny (labels of the pre-training classes)', 'supervised', 'supervised'),
+    ('MoCo v3 ViT-Tiny (no labels)', 'moco', 'moco'),
 ]
-MOCO_ROW = ('MoCo v3 ViT-Tiny (no labels)', 'moco', 'moco')
 
 
 def table(run, finetunes):
-    def cell(values):
-        return describe(values) if values else '-'
+    def cell(init, task):
+        return describe(values(finetunes, task, init)) if init and of(finetunes, task, init) else '-'
 
-    def readout(name, which):
-        value = probe_result(run, name)[which]
+    def readout(probe, split, which):
+        value = probe_result(run, f'probe_{probe}_{split}')[which] if probe else None
         return '-' if value is None else f"{value:.1f}"
 
     lines = ["| pre-training (on the 5 pre-training classes) | fine-tune, same classes | fine-tune, unseen "
              "classes | linear probe, same / unseen | kNN, same / unseen |",
              "|---|---:|---:|---:|---:|"]
-    for label, init, probe in ROWS + ([MOCO_ROW] if has_moco(run) else []):
-        lines.append(f"| {label} | {cell(top1s(finetunes, 'source', init))} | "
-                     f"{cell(top1s(finetunes, 'downstream', init))} | "
-                     f"{readout(f'probe_{probe}_src', 0)} / {readout(f'probe_{probe}_dst', 0)} | "
-                     f"{readout(f'probe_{probe}_src', 1)} / {readout(f'probe_{probe}_dst', 1)} |")
+    for label, init, probe in ROWS:
+        lines.append(f"| {label} | {cell(init, 'source')} | {cell(init, 'downstream')} | "
+                     f"{readout(probe, 'src', 0)} / {readout(probe, 'dst', 0)} | "
+                     f"{readout(probe, 'src', 1)} / {readout(probe, 'dst', 1)} |")
     return lines
 
 
 def write_report(run):
     finetunes = read_finetunes(run)
     stages = [{'name': r['stage'], 'seconds': float(r['seconds'])} for r in read_jsonl(run / 'times.jsonl')]
-    wall_time = sum(s['seconds'] for s in stages)
+    wall = read_jsonl(run / 'wall.jsonl')
+    wall_time = wall[-1]['seconds'] if wall else sum(s['seconds'] for s in stages)
     claims, teacher_sentence = the_claims(run, finetunes)
     report = {'wall_time_s': wall_time, 'claims': claims, 'finetunes': finetunes, 'stages': stages}
     (run / 'report.json').write_text(json.dumps(report, indent=1) + '\n')
@@ -244,21 +319,25 @@ def write_report(run):
         f"`bash mini_paper.sh` in `{run}`: {wall_time / 60:.1f} min of wall time. Fashion-MNIST at 28 px, "
         "patches of 7; pre-training sees only 5 of the 10 classes (T-shirt, trouser, coat, sandal, bag), "
         "the downstream task is the other 5 (pullover, dress, shirt, sneaker, ankle boot). Top-1 in %, on "
-        "all 5,000 test images of those classes, at the last epoch; mean ± standard error over seeds "
-        "(n = seeds). Probes and kNN: one run each.", "",
+        "all 5,000 test images of those classes, at the last epoch; mean ± standard error over the "
+        "pre-training seeds (each the mean of its fine-tune seeds), or over the fine-tune seeds of a start "
+        "from scratch (n = seeds). Probes and kNN: the first pre-training seed, one run each.", "",
         *table(run, finetunes), "",
         f"## The claims: {shown} of {len(claims)} shown", "",
         *[f"{number}. {c['sentence']}" for number, c in claims.items()], "",
         f"Teacher check: {teacher_sentence}.", "",
-        "A claim is shown ('agrees') only where the difference exceeds twice its standard error; "
-        "a miniature is minutes of CPU on 28-pixel clothes, not ImageNet: a claim it does not show is "
-        "not refuted by it, and one it shows is not proven at the paper's scale.", "",
+        "A claim is shown ('agrees') only by the rule of its kind on these numbers; a miniature is minutes "
+        "of CPU on 28-pixel clothes, not ImageNet: a claim it does not show is not refuted by it, and one "
+        "it shows is not proven at the paper's scale.", "",
         "## Fine-tunes", "",
-        "| run | init | task | labels | seed | top-1 | clean train top-1 |", "|---|---|---|---:|---:|---:|---:|",
-        *[f"| {f['name']} | {f['init']} | {f['task']} | {f['labels']} | {f['seed']} | {f['top1']:.2f} | "
+        "| run | init | task | labels | pre-training seed | seed | top-1 | clean train top-1 |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+        *[f"| {f['name']} | {f['init']} | {f['task']} | {f['labels']} | "
+          f"{'-' if f['pretrain_seed'] is None else f['pretrain_seed']} | {f['seed']} | {f['top1']:.2f} | "
           f"{f['train_top1']:.1f}{'' if f['train_top1'] >= CONVERGED_TRAIN_TOP1 else ' (not converged)'} |"
           for f in finetunes], "",
         "## Wall time of each stage", "",
+        "Stages run side by side (mini_paper.sh's JOBS): their seconds add up to more than the wall time.", "",
         "| stage | seconds |", "|---|---:|", *[f"| {s['name']} | {s['seconds']:.0f} |" for s in stages], "",
         "## Figures", "",
         *[f"**{path.parent.name}/{path.name}**\n\n![{path.parent.name}]({path.relative_to(run)})\n"

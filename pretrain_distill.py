@@ -29,11 +29,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import normalization
-from pretrain_mae import MAE, build_mae, build_parser as build_mae_parser, pretrain_data, save_reconstruction_figure
+from pretrain_mae import (MAE, build_mae, build_parser as build_mae_parser, init_mae, mae_decoder, mean_patch_token,
+                          pretrain_data, save_reconstruction_figure)
 from operations import RunError, run_main
-from training import (Processes, adamw, announce, append_log, compile_and_wrap, parse_args, prepare_output,
-                      resume_checkpoint, save_checkpoint, seed_everything, train_one_epoch, warmup_cosine,
-                      weight_decay_groups)
+from training import (Processes, adamw, announce, append_log, compile_and_wrap, grad_scaler, knn_due, knn_note,
+                      knn_readout, knn_sets, parse_args, prepare_output, resume_checkpoint, save_checkpoint,
+                      seed_everything, train_one_epoch, warmup_cosine, weight_decay_groups)
 from vit import SIZES, CheckpointError, VisionTransformer, load_pretrained, vit
 
 STAGE = 'pretrain_distill'
@@ -118,7 +119,8 @@ class DistilledMAE(nn.Module):
         pred = student.forward_decoder(encoded.tokens, restore_idx)  # (B, L, p*p*C)
         losses = {'mae_loss': student.forward_loss(imgs, pred, mask)}
 
-        # no autograd for the teacher; under the loop's bf16 autocast (--amp) it runs in bf16 too
+        # no autograd for the teacher; under the loop's autocast (--amp) it runs in bf16 or fp16 too, its
+        # attention logits in fp32 (vit.Attention)
         with torch.no_grad():
             target = self.teacher.encode(imgs, visible_idx, attn_layers={t for _, t in self.attn_pairs},
                                          return_layers=want_hidden)
@@ -222,19 +224,21 @@ def main(argv=None):
     if not args.teacher:
         raise RunError("--teacher CKPT is required: a pre-trained MAE checkpoint (e.g. from pretrain_mae.py, "
                        "or the official MAE-Base), with --teacher-model its size")
+    mae_decoder(args.model, args.decoder_dim, args.decoder_depth, args.decoder_heads)   # bad flags: before the data
     procs = Processes(args.device)
     seed_everything(args.seed)
 
     # data: as pretrain_mae.py ---------------------------------------------------------------------
+    knn = knn_sets(args)                        # --knn-every's labelled images, or None
     loader, shown_imgs = pretrain_data(args, procs)
 
     # model: student, teacher, adapters -------------------------------------------------------------
-    student = build_mae(args.model, img_size=args.img_size, patch_size=args.patch_size,
-                        norm_pix_loss=args.norm_pix_loss)
+    student = build_mae(args.model, args.decoder_dim, args.decoder_depth, args.decoder_heads,
+                        img_size=args.img_size, patch_size=args.patch_size, norm_pix_loss=args.norm_pix_loss)
     if args.init:
-        report = load_pretrained(student, args.init, allow_new=('decoder', 'mask_token'))
+        message = init_mae(student, args.init)       # encoder, and the decoder when it fits
         if procs.is_main:
-            print(f"init from {args.init}: {report.summary()}")
+            print(message)
     teacher = build_teacher(args.teacher_model, args.teacher, args.img_size, args.patch_size)
     attn_pairs = layer_pairs(args.distill_layers, student.depth, teacher.depth)
     hidden_pairs = layer_pairs(args.distill_hidden, student.depth, teacher.depth, hidden=True)
@@ -248,8 +252,9 @@ def main(argv=None):
     lr = args.lr if args.lr is not None else args.blr * effective_batch / 256   # the linear scaling rule
     lr_at = warmup_cosine(lr, args.min_lr, args.warmup_epochs, args.epochs)
     optimizer = adamw(weight_decay_groups(model, args.weight_decay), lr, (0.9, 0.95), procs.device)
+    scaler = grad_scaler(args.amp, procs.device)                  # fp16 only
     try:
-        start_epoch, _ = resume_checkpoint(args.resume, STAGE, optimizer, model=model.student,
+        start_epoch, _ = resume_checkpoint(args.resume, STAGE, optimizer, scaler, model=model.student,
                                            adapter=model.adapters)
     except RuntimeError:     # the adapters' keys name the distilled layers
         raise RunError(f"--resume {args.resume} was distilled at other layers than --distill-layers "
@@ -262,7 +267,7 @@ def main(argv=None):
              f" | teacher {args.teacher_model} ({teacher_params / 1e6:.1f}M, frozen) "
              f"{args.teacher} | attention pairs (student, teacher) {attn_pairs}"
              f"{f' | hidden pairs {hidden_pairs}' if hidden_pairs else ''}"
-             f" | {len(loader.sampler) * procs.world_size} images, {len(loader)} steps/epoch")
+             f" | {len(loader.sampler) * procs.world_size} images, {len(loader)} steps/epoch", amp=args.amp)
     log = prepare_output(out, args, start_epoch, procs.is_main)
 
     # the loop --------------------------------------------------------------------------------------
@@ -271,18 +276,20 @@ def main(argv=None):
 
     for epoch in range(start_epoch, args.epochs):
         stats = train_one_epoch(train_model, loader, optimizer, losses, lr_at, epoch, procs,
-                                accum_iter=args.accum_iter, amp=args.amp, seed=args.seed)
+                                accum_iter=args.accum_iter, amp=args.amp, scaler=scaler, seed=args.seed)
         if procs.is_main:
+            if knn_due(epoch, args):            # the student's features; the main process only
+                stats.update(knn_readout(student, lambda imgs: mean_patch_token(student, imgs), knn, procs, args))
             append_log(log, {'epoch': epoch, **stats})
             save_checkpoint(out / 'checkpoint.pth', stage=STAGE, epoch=epoch, args=vars(args),
                             model=model.student.state_dict(), adapter=model.adapters.state_dict(),
-                            optimizer=optimizer.state_dict())
+                            optimizer=optimizer.state_dict(), scaler=scaler.state_dict() if scaler else None)
             save_reconstruction_figure(model.student, shown_imgs, out / 'reconstruction.png',
                                        f"D-MAE {args.model} from {args.teacher_model}, epoch {epoch}, "
                                        f"MAE loss {stats['mae_loss']:.3f}", normalization(args.data),
                                        args.mask_ratio)
             print(f"epoch {epoch}: MAE loss {stats['mae_loss']:.4f}, distill loss "
-                  f"{stats['distill_loss']:.4f}, {stats['img_per_s']:.0f} img/s, "
+                  f"{stats['distill_loss']:.4f}{knn_note(stats)}, {stats['img_per_s']:.0f} img/s, "
                   f"checkpoint {out / 'checkpoint.pth'}", flush=True)
     procs.close()
 

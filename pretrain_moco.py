@@ -3,7 +3,7 @@
 
 The method in five steps, each a function or method below:
   1. two views:        each image is augmented twice, asymmetrically (BYOL's recipe, `moco_views`)
-  2. queries:          the base encoder (a ViT whose random patch projection stays frozen: `moco_vit`)
+  2. queries:          the base encoder (a ViT with fixed sin-cos positions: `moco_vit`)
                        -> cls feature -> projector (3-layer MLP) -> predictor (2-layer MLP), per view
   3. update_momentum:  the momentum encoder and projector move towards the base ones,
                        theta_k <- m theta_k + (1 - m) theta_q, m rising from 0.99 to 1 by a
@@ -32,9 +32,9 @@ from torchvision.transforms import v2
 
 from data import IMAGENET_MEAN, IMAGENET_STD, build_dataset, build_loader, normalization, to_normalized_tensor
 from operations import RunError, run_main
-from training import (Processes, add_common_args, adamw, announce, append_log, compile_and_wrap, parse_args,
-                      prepare_output, resume_checkpoint, save_checkpoint, seed_everything, train_one_epoch,
-                      warmup_cosine)
+from training import (Processes, add_common_args, add_knn_args, adamw, announce, append_log, compile_and_wrap,
+                      grad_scaler, knn_due, knn_note, knn_readout, knn_sets, parse_args, prepare_output,
+                      resume_checkpoint, save_checkpoint, seed_everything, train_one_epoch, warmup_cosine)
 from vit import load_pretrained, sincos_pos_embed, vit
 
 STAGE = 'pretrain_moco'
@@ -86,16 +86,17 @@ def moco_views(img_size, stats=(IMAGENET_MEAN, IMAGENET_STD), min_scale=0.08):
 # --------------------------------------------------------------------------------------------------
 # The encoder and the heads
 # --------------------------------------------------------------------------------------------------
-def moco_vit(size, img_size, patch_size):
+def moco_vit(size, img_size, patch_size, stop_grad_conv1=False):
     """MoCo v3's ViT: vit.py's encoder of `size` without head, (B, 3, H, W) -> (B, D), the feature
     being the cls token after the final norm; a fixed 2-D sin-cos position embedding; MoCo v3's
-    initialisation; and a random patch projection that is never trained (MoCo v3's fix for the
-    instability of ViT training, whose gradient spikes start in the first layer)."""
+    initialisation. stop_grad_conv1 freezes the random patch projection (MoCo v3's fix for the
+    instability of ViT-S/B training, whose gradient spikes start in the first layer); MAE-Lite trains
+    it for ViT-Tiny (its mocov3_exp.py: stop_grad_conv1 = False), the default here."""
     encoder = vit(size, img_size=img_size, patch_size=patch_size, num_classes=0, global_pool=False)
     grid = encoder.patch_embed.grid_size
     encoder.pos_embed = nn.Parameter(sincos_pos_embed(encoder.embed_dim, grid)[None], requires_grad=False)
     init_moco_vit(encoder)
-    encoder.patch_embed.proj.requires_grad_(False)
+    encoder.patch_embed.proj.requires_grad_(not stop_grad_conv1)
     return encoder
 
 
@@ -161,11 +162,13 @@ def contrastive_loss(queries, keys, temperature, rank=0):
     batch: query i's positive is the key of its own image, row rank x B + i; every other key is a
     negative. With q and k L2-normalised,
         loss = 2T * mean_i -log( exp(q_i . k_(rank B + i) / T) / sum_j exp(q_i . k_j / T) ),
-    the cross-entropy of the logits q k^T / T, times MoCo v3's 2T."""
-    q, k = F.normalize(queries, dim=1), F.normalize(keys, dim=1)
-    logits = q @ k.T / temperature                                        # (B, world size x B)
-    positives = torch.arange(len(q), device=q.device) + rank * len(q)      # (B,)
-    return F.cross_entropy(logits, positives) * 2 * temperature
+    the cross-entropy of the logits q k^T / T, times MoCo v3's 2T. The logits are fp32 under any
+    autocast: at T = 0.2 they reach +-5 and feed an exp, where fp16 or bf16 rounding shows."""
+    with torch.autocast(queries.device.type, enabled=False):
+        q, k = F.normalize(queries.float(), dim=1), F.normalize(keys.float(), dim=1)
+        logits = q @ k.T / temperature                                    # (B, world size x B)
+        positives = torch.arange(len(q), device=q.device) + rank * len(q)  # (B,)
+        return F.cross_entropy(logits, positives) * 2 * temperature
 
 
 # --------------------------------------------------------------------------------------------------
@@ -232,12 +235,16 @@ def build_parser():
                    help='output width of the projector and predictor (paper: 256)')
     g.add_argument('--min-crop-scale', type=float, default=0.08,
                    help='RandomResizedCrop scale lower bound of both views (paper: 0.08)')
+    g.add_argument('--stop-grad-conv1', action=argparse.BooleanOptionalAction, default=False,
+                   help="freeze the random patch projection (MoCo v3's ViT-S/B recipe); MAE-Lite's ViT-Tiny "
+                        "recipe trains it (default: off, trained)")
+    add_knn_args(parser)
     return parser
 
 
 def moco_optimizer(model, lr, weight_decay, device):
     """AdamW, betas (0.9, 0.999), with weight decay on every trained parameter, norms and biases
-    included (MoCo v3); the frozen patch projection and position embedding are left out."""
+    included (MoCo v3); the fixed position embedding (and a frozen patch projection) are left out."""
     trained = [p for p in model.parameters() if p.requires_grad]
     return adamw([{'params': trained, 'weight_decay': weight_decay}], lr, (0.9, 0.999), device)
 
@@ -262,9 +269,10 @@ def moco_data(args, procs):
     used (--classes only picks the images)."""
     views = moco_views(args.img_size, normalization(args.data), args.min_crop_scale)
     dataset, _ = build_dataset(args.data, args.data_root, train=True, transform=views,
-                               subset=args.subset, classes=args.classes)
+                               subset=args.subset, classes=args.classes, unlabelled=True)
     return build_loader(dataset, args.batch_size, train=True, num_workers=args.num_workers,
-                        device=procs.device, seed=args.seed, rank=procs.rank, world_size=procs.world_size)
+                        device=procs.device, seed=args.seed, rank=procs.rank, world_size=procs.world_size,
+                        strict_images=args.strict_images)
 
 
 def main(argv=None):
@@ -277,10 +285,11 @@ def main(argv=None):
     seed_everything(args.seed)
 
     # data ------------------------------------------------------------------------------------------
+    knn = knn_sets(args)                        # --knn-every's labelled images, or None
     loader = moco_data(args, procs)
 
     # model and optimizer ---------------------------------------------------------------------------
-    encoder = moco_vit(args.model, args.img_size, args.patch_size)
+    encoder = moco_vit(args.model, args.img_size, args.patch_size, args.stop_grad_conv1)
     if args.init:
         report = load_pretrained(encoder, args.init)
         if procs.is_main:
@@ -294,12 +303,13 @@ def main(argv=None):
     lr = args.lr if args.lr is not None else args.blr * effective_batch / 256   # the linear scaling rule
     lr_at = warmup_cosine(lr, args.min_lr, args.warmup_epochs, args.epochs)
     optimizer = moco_optimizer(model, lr, args.weight_decay, procs.device)
-    start_epoch, _ = resume_checkpoint(args.resume, STAGE, optimizer, **model.parts())
+    scaler = grad_scaler(args.amp, procs.device)                  # fp16 only
+    start_epoch, _ = resume_checkpoint(args.resume, STAGE, optimizer, scaler, **model.parts())
     compile_encoders(model, args.compile, args.compile_mode)
     train_model = compile_and_wrap(model, procs, compile=False)
     out = Path(args.output_dir)
     announce(procs, model, lr, effective_batch, out,
-             f" | {len(loader.sampler) * procs.world_size} images, {len(loader)} steps/epoch")
+             f" | {len(loader.sampler) * procs.world_size} images, {len(loader)} steps/epoch", amp=args.amp)
     log = prepare_output(out, args, start_epoch, procs.is_main)
 
     # the loop --------------------------------------------------------------------------------------
@@ -309,13 +319,15 @@ def main(argv=None):
 
     for epoch in range(start_epoch, args.epochs):
         stats = train_one_epoch(train_model, loader, optimizer, losses, lr_at, epoch, procs,
-                                accum_iter=args.accum_iter, amp=args.amp, seed=args.seed)
+                                accum_iter=args.accum_iter, amp=args.amp, scaler=scaler, seed=args.seed)
         if procs.is_main:
+            if knn_due(epoch, args):            # the cls feature the loss trains; the main process only
+                stats.update(knn_readout(model, model.encoder, knn, procs, args))
             append_log(log, {'epoch': epoch, **stats})
             save_checkpoint(out / 'checkpoint.pth', stage=STAGE, epoch=epoch, args=vars(args),
-                            optimizer=optimizer.state_dict(),
+                            optimizer=optimizer.state_dict(), scaler=scaler.state_dict() if scaler else None,
                             **{name: part.state_dict() for name, part in model.parts().items()})
-            print(f"epoch {epoch}: loss {stats['loss']:.4f}, {stats['img_per_s']:.0f} img/s, "
+            print(f"epoch {epoch}: loss {stats['loss']:.4f}{knn_note(stats)}, {stats['img_per_s']:.0f} img/s, "
                   f"checkpoint {out / 'checkpoint.pth'}", flush=True)
     procs.close()
 

@@ -59,7 +59,9 @@ class PatchEmbed(nn.Module):
 
 class Attention(nn.Module):
     """Multi-head self-attention. Returns (output, attn_logits); the logits, q.k^T * scale before the
-    softmax, are only materialised when asked for, otherwise the fused SDPA kernel runs."""
+    softmax, are only materialised when asked for, otherwise the fused SDPA kernel runs. Asked-for
+    logits and their softmax are fp32 under any autocast (they are distillation targets and feed an
+    exp); the product with v runs in v's dtype."""
 
     def __init__(self, dim, num_heads, qkv_bias=True):
         super().__init__()
@@ -72,8 +74,10 @@ class Attention(nn.Module):
         q, k, v = rearrange(self.qkv(x), 'b n (three h d) -> three b h n d',
                             three=3, h=self.num_heads)     # each (B, heads, N, head_dim)
         if return_attn_logits:
-            attn_logits = (q * self.scale) @ k.transpose(-2, -1)    # (B, heads, N, N)
-            x = attn_logits.softmax(dim=-1) @ v
+            with torch.autocast(x.device.type, enabled=False):
+                attn_logits = (q.float() * self.scale) @ k.float().transpose(-2, -1)   # (B, heads, N, N)
+                attn = attn_logits.softmax(dim=-1)
+            x = attn.to(v.dtype) @ v
         else:
             attn_logits = None
             x = F.scaled_dot_product_attention(q, k, v)

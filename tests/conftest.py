@@ -60,6 +60,20 @@ def fashion_folder(fashion_root, tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope='session')
+def unlabelled_folder(fashion_folder, tmp_path_factory):
+    """A folder of unlabelled images for pre-training: fashion_folder's 160 training images, no class
+    folders and no train/ or val/, spread over depths 0 to 3, with a text file among them."""
+    root = tmp_path_factory.mktemp('unlabelled')
+    depths = ['', 'a', 'a/b', 'c/d/e']
+    for i, src in enumerate(sorted((fashion_folder / 'train').glob('*/*.png'))):
+        folder = root / depths[i % 4]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f'{i:03d}.png').write_bytes(src.read_bytes())
+    (root / 'a' / 'notes.txt').write_text('not an image')
+    return root
+
+
 def run_script(script, *args, cwd=None, timeout=600):
     """Run a stage script as a user would: a fresh process; returns the CompletedProcess."""
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd,

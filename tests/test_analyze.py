@@ -5,16 +5,19 @@ import csv
 import itertools
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import analyze
+import data
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from analyze import (attention_distance, attention_entropy, build_encoder, layer_features,
                      main as analyze_main, minibatch_cka, patch_attention)
-from conftest import run_script
+from conftest import assert_one_line_error, run_script
 from pretrain_mae import MAE, build_mae
 from vit import VisionTransformer
 
@@ -269,3 +272,103 @@ def test_reconstruct_scores_every_image_on_masks_fixed_by_the_seed(mae_checkpoin
     with torch.no_grad():
         loss, _, _ = model(torch.stack([img for img, _ in images]), 0.75, noise)
     assert scored['loss'] == pytest.approx(loss.item(), rel=1e-5)
+
+
+# -- attention maps --------------------------------------------------------------------------------
+def test_cls_attention_is_the_cls_rows_softmax_over_the_patches():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 1 + 9, 1 + 9)
+    attn = analyze.cls_attention(logits)
+    assert attn.shape == (2, 3, 9)
+    torch.testing.assert_close(attn.sum(dim=-1), torch.ones(2, 3))
+    z = logits[:, :, 0, 1:].double().numpy()                             # the cls query, patch keys
+    expected = np.exp(z) / np.exp(z).sum(axis=-1, keepdims=True)
+    np.testing.assert_allclose(attn.numpy(), expected, rtol=1e-5)
+    logits[:, :, 0, 0] = 50.0                                            # the cls key: cut, so no effect
+    torch.testing.assert_close(analyze.cls_attention(logits), attn)
+
+
+def test_attention_maps_draws_the_figure_and_keeps_the_tables(mae_checkpoint, fashion_folder, tmp_path, capsys):
+    common = ['--ckpt', mae_checkpoint, '--data', fashion_folder, '--num-images', 16, '--batch-size', 16,
+              '--num-workers', 0, '--device', 'cpu']
+    run_analyze(capsys, 'attention', *common, '--output-dir', tmp_path / 'plain')
+    out = run_analyze(capsys, 'attention', *common, '--maps', '--layer', 3, '--maps-images', 2,
+                      '--output-dir', tmp_path / 'maps')
+    assert not (tmp_path / 'plain' / 'attention_maps.png').exists()
+    assert (tmp_path / 'maps' / 'attention.json').read_text() == (tmp_path / 'plain' / 'attention.json').read_text()
+    with Image.open(tmp_path / 'maps' / 'attention_maps.png') as figure:   # 2 rows of 1 + 12 panels
+        assert figure.width > 3 * figure.height
+    assert 'block 3 on 2 images' in out
+
+
+def test_attention_maps_of_a_layer_out_of_range_is_a_one_line_error(mae_checkpoint, fashion_folder, tmp_path):
+    result = run_script('analyze.py', 'attention', '--ckpt', mae_checkpoint, '--data', fashion_folder, '--maps',
+                        '--layer', 12, '--device', 'cpu', '--output-dir', tmp_path)
+    assert_one_line_error(result, '--layer 12 is out of range', '0..11')
+
+
+# -- embed -----------------------------------------------------------------------------------------
+def embed(capsys, out, *argv):
+    run_analyze(capsys, 'embed', *argv, '--device', 'cpu', '--output-dir', out)
+    return (np.load(out / 'features.npy'), np.load(out / 'labels.npy'),
+            (out / 'paths.txt').read_text().splitlines())
+
+
+@pytest.mark.parametrize('feature', ['cls', 'avg'])
+def test_embed_writes_each_files_pooled_eval_view_feature_label_and_path(mae_checkpoint, fashion_folder,
+                                                                        tmp_path, capsys, feature):
+    features, labels, paths = embed(capsys, tmp_path, '--ckpt', mae_checkpoint, '--data', fashion_folder,
+                                    '--feature', feature, '--num-images', 12, '--batch-size', 5,
+                                    '--num-workers', 0)
+    assert features.shape == (12, 192) and features.dtype == np.float32
+    assert labels.shape == (12,) and labels.dtype == np.int64
+    val_files = sorted(str(p) for p in (fashion_folder / 'val').glob('*/*.png'))
+    assert len(set(paths)) == 12 and set(paths) <= set(val_files)
+    classes = sorted(p.name for p in (fashion_folder / 'val').iterdir())
+    assert labels.tolist() == [classes.index(Path(p).parent.name) for p in paths]
+    view = data.eval_transform(16, stats=data.normalization(str(fashion_folder)))
+    imgs = torch.stack([view(data.load_rgb(p)) for p in paths])             # (12, 3, 16, 16), row by row
+    mae = MAE.from_checkpoint(str(mae_checkpoint)).eval()
+    with torch.no_grad():
+        tokens = last_block_tokens(mae, imgs)                                # (12, 1 + 16, 192)
+        expected = (mae.norm(tokens)[:, 0] if feature == 'cls'                # the trained norm's cls token
+                    else F.layer_norm(tokens[:, 1:].mean(dim=1), (192,), eps=1e-6))   # a fresh fc_norm
+    np.testing.assert_allclose(features, expected.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_embed_is_the_same_twice_whatever_the_loader(mae_checkpoint, fashion_folder, tmp_path, capsys):
+    argv = ['--ckpt', mae_checkpoint, '--data', fashion_folder, '--split', 'train', '--batch-size', 64]
+    embed(capsys, tmp_path / 'a', *argv, '--num-workers', 0)
+    embed(capsys, tmp_path / 'b', *argv, '--num-workers', 2)
+    for name in ('features.npy', 'labels.npy', 'paths.txt'):
+        assert (tmp_path / 'a' / name).read_bytes() == (tmp_path / 'b' / name).read_bytes(), name
+    assert len((tmp_path / 'a' / 'paths.txt').read_text().splitlines()) == 160      # the whole train split
+
+
+def test_embed_of_a_named_data_set_lists_each_images_index(mae_checkpoint, fashion_root, tmp_path, capsys):
+    _, labels, paths = embed(capsys, tmp_path, '--ckpt', mae_checkpoint, '--data', 'fashion_mnist',
+                             '--data-root', fashion_root, '--split', 'train', '--num-images', 20,
+                             '--num-workers', 0)
+    sample, _ = data.build_dataset('fashion_mnist', fashion_root, train=True, transform=None, subset=20)
+    assert [int(p) for p in paths] == sample.indices
+    assert labels.tolist() == [sample.dataset.targets[i].item() for i in sample.indices]
+
+
+def test_embed_of_a_missing_folder_is_a_one_line_error(mae_checkpoint, tmp_path):
+    result = run_script('analyze.py', 'embed', '--ckpt', mae_checkpoint, '--data', tmp_path / 'typo',
+                        '--device', 'cpu', '--output-dir', tmp_path)
+    assert_one_line_error(result, 'neither a known name')
+
+
+@torch.no_grad()
+def test_the_cls_feature_of_a_global_pool_checkpoint_is_a_fresh_norms_cls_token(tmp_path):
+    """As linear_probe's --feature cls: a fine-tuned checkpoint without `norm` gets a fresh one, and
+    its fc_norm is left out."""
+    torch.manual_seed(0)
+    finetuned = VisionTransformer(img_size=16, patch_size=4, num_classes=5, global_pool=True).eval()
+    trained(finetuned.fc_norm)
+    torch.save({'model': finetuned.state_dict()}, tmp_path / 'ft.pth')
+    model, _ = build_encoder(str(tmp_path / 'ft.pth'), argparse.Namespace(), last_layer='cls')
+    imgs = torch.randn(4, 3, 16, 16)
+    fresh = F.layer_norm(last_block_tokens(finetuned, imgs), (192,), eps=1e-6)
+    torch.testing.assert_close(model.pool(model.encode(imgs).tokens), fresh[:, 0])

@@ -73,9 +73,11 @@ def test_a_corrupt_image_names_the_file(mixed_folder):
 
 
 def test_missing_or_empty_folders_say_what_layout_is_expected(tmp_path):
-    with pytest.raises(DataError, match=r'no folder .*/train: expected .*train/<class>/<image>'):
+    with pytest.raises(DataError, match=r'has no class folders \(.*/train/<class>/\*\): this stage needs labels'):
         build_dataset(str(tmp_path), 'unused', train=True, transform=None)
     (tmp_path / 'train' / 'cat').mkdir(parents=True)
+    with pytest.raises(DataError, match=r'no folder .*/val: expected .*val/<class>/<image>'):
+        build_dataset(str(tmp_path), 'unused', train=False, transform=None)
     with pytest.raises(DataError, match='no images found'):
         build_dataset(str(tmp_path), 'unused', train=True, transform=None)
     with pytest.raises(DataError, match='neither a known name'):

@@ -236,3 +236,14 @@ def test_teacher_of_another_size_or_patch_size_is_refused(tiny_teacher_ckpt):
         build_teacher('vit_tiny', tiny_teacher_ckpt, img_size=16, patch_size=8)
     with pytest.raises(CheckpointError, match='not found'):
         build_teacher('vit_small', tiny_teacher_ckpt.parent / 'missing.pth', img_size=16, patch_size=4)
+
+
+def test_init_starts_the_student_from_an_mae_with_its_decoder_on_unlabelled_images(
+        unlabelled_folder, tiny_teacher_ckpt, tmp_path, capsys):
+    """Continued pre-training with D-MAE on a folder without classes: --init loads the student's
+    encoder and decoder (pretrain_mae.init_mae), and the figure shows training images."""
+    pretrain_distill.main([*dmae_args(unlabelled_folder, tiny_teacher_ckpt, tmp_path, 1),
+                           '--init', str(tiny_teacher_ckpt)])
+    out = capsys.readouterr().out
+    assert f"init from {tiny_teacher_ckpt}: " in out and 'decoder: loaded (19 tensors)' in out
+    assert (tmp_path / 'reconstruction.png').stat().st_size > 0

@@ -1,5 +1,6 @@
 """finetune.py: the layer-decay rule, loading a pre-trained encoder, batch mixing, the recipes, and
 the script as a user runs it (a short real run, --eval-only, --resume, bad input)."""
+import argparse
 import contextlib
 import io
 import math
@@ -340,3 +341,64 @@ def test_eval_every_and_the_last_epochs_clean_train_top1(fashion_folder, tmp_pat
     assert result.returncode == 0, result.stderr
     top1 = float(re.search(r'top-1 ([\d.]+)%', result.stdout)[1])
     assert top1 == pytest.approx(log[-1]['train_top1'], abs=0.01)
+
+
+# -- --init-blocks: the re-initialisation study --------------------------------------------------
+@pytest.mark.parametrize('blocks, with_embedding', [('0-5', True), ('6-11', False), ('0,11', True)])
+def test_init_blocks_keeps_exactly_the_named_tensors_and_reinitialises_the_others(blocks, with_embedding,
+                                                                                 tmp_path):
+    torch.manual_seed(1)
+    mae = build_mae('vit_tiny', img_size=16, patch_size=8)
+    torch.save({'model': mae.state_dict()}, tmp_path / 'mae.pth')
+    torch.manual_seed(0)
+    model = vit('vit_tiny', img_size=16, patch_size=8, num_classes=10, global_pool=True)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    load_pretrained(model, tmp_path / 'mae.pth')
+    kept = finetune.keep_only_blocks(model, fresh, finetune.block_list(blocks))
+
+    wanted = {f'blocks.{b}.' for b in finetune.block_list(blocks)}
+    pretrained, state = mae.state_dict(), model.state_dict()
+    for name, value in state.items():
+        from_checkpoint = name.startswith(tuple(wanted)) or (
+            with_embedding and name.startswith(('patch_embed.', 'pos_embed', 'cls_token')))
+        assert (name in kept) == from_checkpoint, name
+        expected = pretrained[name] if from_checkpoint else fresh[name]
+        assert torch.equal(value, expected), name
+    torch.manual_seed(0)       # "as from scratch": the very weights a run without --init starts from
+    scratch = vit('vit_tiny', img_size=16, patch_size=8, num_classes=10, global_pool=True).state_dict()
+    assert all(torch.equal(state[k], scratch[k]) for k in state if k not in kept)
+
+
+def test_init_blocks_parses_ranges_and_refuses_what_is_not_a_block():
+    assert finetune.block_list('0-2,5') == [0, 1, 2, 5] and finetune.block_list([3, 1]) == [1, 3]
+    with pytest.raises(argparse.ArgumentTypeError):
+        finetune.block_list('low')
+    model = vit('vit_tiny', img_size=16, patch_size=8, num_classes=10)
+    with pytest.raises(RunError, match='blocks 0..11'):
+        finetune.keep_only_blocks(model, model.state_dict(), [10, 12])
+
+
+def test_a_run_with_init_blocks_says_what_it_kept(fashion_folder, tmp_path, capsys):
+    mae = tmp_path / 'mae.pth'
+    torch.save({'model': build_mae('vit_tiny', img_size=16, patch_size=8).state_dict()}, mae)
+    finetune.main(['--data', str(fashion_folder), *TINY, '--epochs', '1', '--warmup-epochs', '0', '--init', str(mae),
+                   '--init-blocks', '0-5', '--output-dir', str(tmp_path / 'out')])
+    assert '--init-blocks 0,1,2,3,4,5: 76 tensors kept' in capsys.readouterr().out   # 6 x 12 + 4
+
+
+# -- the ConvNet reference ------------------------------------------------------------------------
+def test_the_convnet_reference_trains_from_scratch_on_small_images(fashion_folder, tmp_path):
+    finetune.main(['--data', str(fashion_folder), '--model', 'resnet18', '--layer-decay', '1.0', '--img-size', '16',
+                   '--batch-size', '16', '--num-workers', '0', '--epochs', '3', '--warmup-epochs', '0',
+                   '--blr', '3e-3', '--rand-aug', 'none', '--mixup', '0', '--output-dir', str(tmp_path)])
+    log = read_log(tmp_path)
+    assert log[-1]['loss'] < log[0]['loss'] and log[-1]['val_top1'] > 25.0        # 4 classes: chance 25%
+    ckpt = torch.load(tmp_path / 'checkpoint.pth', weights_only=True)
+    assert ckpt['model']['conv1.weight'].shape == (64, 3, 3, 3)                      # the small-image stem
+
+
+def test_the_convnet_takes_no_init_and_no_layer_decay(fashion_folder, tmp_path):
+    base = ['--data', fashion_folder, '--model', 'resnet18', *TINY, '--output-dir', tmp_path]
+    assert_one_line_error(run_script('finetune.py', *base), 'no layer decay')
+    assert_one_line_error(run_script('finetune.py', *base, '--layer-decay', '1.0', '--init', tmp_path / 'x.pth'),
+                          'takes no --init')

@@ -12,6 +12,7 @@ from PIL import Image
 from torch.utils.data import default_collate
 
 import finetune
+import pretrain_moco
 from conftest import ROOT, read_log, run_script
 from data import normalization
 from pretrain_moco import (MoCo, contrastive_loss, gather_keys, moco_optimizer, moco_views, moco_vit,
@@ -127,29 +128,38 @@ def test_the_position_embedding_is_the_fixed_sincos_table():
     torch.testing.assert_close(encoder.pos_embed, sincos_pos_embed(192, 4)[None])
 
 
-def test_the_random_patch_projection_stays_frozen_through_optimizer_steps():
+@pytest.mark.parametrize('stop_grad_conv1', [True, False])
+def test_stop_grad_conv1_freezes_the_patch_projection_and_only_it(stop_grad_conv1):
     torch.manual_seed(0)
-    model = small_moco()
+    model = MoCo(moco_vit('vit_tiny', img_size=16, patch_size=4, stop_grad_conv1=stop_grad_conv1),
+                 mlp_dim=64, out_dim=32)
     proj = model.encoder.patch_embed.proj
-    frozen = proj.weight.clone(), proj.bias.clone()
+    before = proj.weight.clone(), proj.bias.clone()
     qkv = model.encoder.blocks[0].attn.qkv.weight.clone()
     optimizer = moco_optimizer(model, lr=1e-3, weight_decay=0.1, device=torch.device('cpu'))
     for _ in range(2):
         model(torch.randn(4, 2, 3, 16, 16), 0.99).backward()
         optimizer.step()
         optimizer.zero_grad()
-    assert torch.equal(proj.weight, frozen[0]) and torch.equal(proj.bias, frozen[1])
+    unchanged = torch.equal(proj.weight, before[0]) and torch.equal(proj.bias, before[1])
+    assert unchanged == stop_grad_conv1          # MAE-Lite's ViT-Tiny recipe (the default) trains it
     assert not torch.equal(model.encoder.blocks[0].attn.qkv.weight, qkv)          # the rest trains
 
 
+def test_the_patch_projection_trains_by_default_as_mae_lite_trains_vit_tiny():
+    assert pretrain_moco.build_parser().parse_args([]).stop_grad_conv1 is False
+
+
 def test_weight_decay_covers_every_trained_parameter_norms_and_biases_included():
-    model = small_moco()
-    optimizer = moco_optimizer(model, lr=1e-3, weight_decay=0.1, device=torch.device('cpu'))
-    [group] = optimizer.param_groups
-    trained = {id(p) for p in model.parameters() if p.requires_grad}
-    assert group['weight_decay'] == 0.1 and group['betas'] == (0.9, 0.999)
-    assert {id(p) for p in group['params']} == trained
-    assert id(model.encoder.norm.bias) in trained and id(model.encoder.patch_embed.proj.weight) not in trained
+    for stop_grad_conv1 in (False, True):
+        model = MoCo(moco_vit('vit_tiny', 16, 4, stop_grad_conv1), mlp_dim=64, out_dim=32)
+        optimizer = moco_optimizer(model, lr=1e-3, weight_decay=0.1, device=torch.device('cpu'))
+        [group] = optimizer.param_groups
+        trained = {id(p) for p in model.parameters() if p.requires_grad}
+        assert group['weight_decay'] == 0.1 and group['betas'] == (0.9, 0.999)
+        assert {id(p) for p in group['params']} == trained
+        assert id(model.encoder.norm.bias) in trained
+        assert (id(model.encoder.patch_embed.proj.weight) in trained) == (not stop_grad_conv1)
 
 
 # -- the views -----------------------------------------------------------------------------------

@@ -1,4 +1,6 @@
 """pretrain_mae.py: the MAE model's pieces, and the training script as a user runs it."""
+import itertools
+import shutil
 import signal
 import subprocess
 import sys
@@ -6,10 +8,15 @@ import time
 
 import pytest
 import torch
+from PIL import Image
 
+import pretrain_mae
 from conftest import ROOT, assert_one_line_error, read_log, run_script
-from pretrain_mae import build_mae
+from pretrain_distill import build_teacher
+from pretrain_mae import (MAE, build_mae, init_mae, mae_decoder, reconstruction_columns,
+                          save_reconstruction_figure)
 from training import weight_decay_groups
+from vit import vit
 
 
 def small_mae(**kwargs):
@@ -175,7 +182,7 @@ def test_missing_data_folder(tmp_path):
     assert_one_line_error(result, 'neither a known name')
 
 
-def test_corrupt_image_in_the_training_folder(fashion_folder, tmp_path):
+def test_corrupt_image_in_the_training_folder_under_strict_images(fashion_folder, tmp_path):
     folder = tmp_path / 'data'
     for split in ('train', 'val'):
         (folder / split / 'a').mkdir(parents=True)
@@ -186,7 +193,7 @@ def test_corrupt_image_in_the_training_folder(fashion_folder, tmp_path):
     for workers in ('0', '2'):
         result = run_script('pretrain_mae.py', '--data', folder, '--img-size', '16', '--patch-size',
                             '4', '--batch-size', '4', '--epochs', '1', '--num-workers', workers,
-                            '--output-dir', tmp_path / 'out')
+                            '--strict-images', '--output-dir', tmp_path / 'out')
         assert_one_line_error(result, f'cannot read image {bad}')
 
 
@@ -212,3 +219,155 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(fashion_root, 
                         '--lr', '1e30', '--warmup-epochs', '0')
     assert_one_line_error(result, 'training diverged', 'intact')
     assert ((out / 'checkpoint.pth').read_bytes(), (out / 'log.jsonl').read_text()) == before
+
+
+# -- decoder ablations: --decoder-dim / --decoder-depth / --decoder-heads ---------------------------
+def quick_run(data, out, *extra):
+    return [str(a) for a in ('--data', data, '--img-size', 16, '--patch-size', 4, '--subset', 32,
+                             '--batch-size', 16, '--epochs', 1, '--warmup-epochs', 0, '--num-workers', 0,
+                             '--output-dir', out, *extra)]
+
+
+def test_the_default_decoder_is_the_papers_and_heads_follow_a_given_width():
+    assert mae_decoder('vit_tiny') == dict(decoder_embed_dim=96, decoder_depth=1, decoder_num_heads=3)
+    assert mae_decoder('vit_base') == dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
+    assert mae_decoder('vit_tiny', 192)['decoder_num_heads'] == 3             # the paper's 3 divide 192
+    assert mae_decoder('vit_tiny', 128)['decoder_num_heads'] == 4             # else heads of width 32
+    assert mae_decoder('vit_tiny', 128, 4, 8) == dict(decoder_embed_dim=128, decoder_depth=4, decoder_num_heads=8)
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--decoder-dim', '100', '--decoder-heads', '3'], '--decoder-dim 100 does not split into --decoder-heads 3'),
+    (['--decoder-dim', '30'], '--decoder-dim 30: the decoder\'s width must be a positive multiple of 4'),
+    (['--decoder-depth', '0'], '--decoder-depth 0: the decoder needs at least one block'),
+])
+def test_a_decoder_that_cannot_be_built_is_one_error_line(flags, message, tmp_path):
+    assert_one_line_error(run_script('pretrain_mae.py', '--data', 'synthetic', *flags, '--output-dir', tmp_path),
+                          message)
+
+
+@pytest.fixture(scope='module')
+def decoder_run(fashion_folder, tmp_path_factory):
+    """One short epoch of an MAE-Tiny with a decoder of width 64, depth 2 and 2 heads."""
+    out = tmp_path_factory.mktemp('decoder')
+    pretrain_mae.main(quick_run(fashion_folder, out, '--decoder-dim', 64, '--decoder-depth', 2,
+                                '--decoder-heads', 2))
+    return out
+
+
+def test_decoder_flags_build_that_decoder_and_are_saved(decoder_run):
+    ckpt = torch.load(decoder_run / 'checkpoint.pth', weights_only=True)
+    assert (ckpt['args']['decoder_dim'], ckpt['args']['decoder_depth'], ckpt['args']['decoder_heads']) == (64, 2, 2)
+    assert ckpt['model']['decoder_embed.weight'].shape == (64, 192)
+    assert 'decoder_blocks.1.attn.qkv.weight' in ckpt['model'] and 'decoder_blocks.2.norm1.weight' not in ckpt['model']
+
+
+def test_from_checkpoint_reads_the_decoder_back(decoder_run):
+    ckpt = torch.load(decoder_run / 'checkpoint.pth', weights_only=True)
+    loaded = MAE.from_checkpoint(decoder_run / 'checkpoint.pth')              # analyze.py reconstruct's loader
+    assert len(loaded.decoder_blocks) == 2 and loaded.decoder_blocks[0].attn.num_heads == 2
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in ckpt['model'].items())
+
+
+def test_from_checkpoint_without_saved_args_takes_the_heads_by_the_default_rule(tmp_path):
+    torch.manual_seed(0)
+    mae = build_mae('vit_tiny', decoder_dim=128, decoder_depth=2, img_size=16, patch_size=4).eval()
+    torch.save({'model': mae.state_dict()}, tmp_path / 'official_layout.pth')
+    loaded = MAE.from_checkpoint(tmp_path / 'official_layout.pth').eval()
+    assert loaded.decoder_blocks[0].attn.num_heads == mae.decoder_blocks[0].attn.num_heads == 4
+    imgs, noise = torch.randn(2, 3, 16, 16), torch.rand(2, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(imgs, 0.75, noise)[1], mae(imgs, 0.75, noise)[1])
+
+
+def test_resume_rebuilds_the_saved_decoder(decoder_run, tmp_path):
+    out = tmp_path / 'run'
+    shutil.copytree(decoder_run, out)
+    pretrain_mae.main(['--resume', str(out / 'checkpoint.pth'), '--epochs', '2', '--output-dir', str(out)])
+    ckpt = torch.load(out / 'checkpoint.pth', weights_only=True)
+    assert ckpt['epoch'] == 1 and ckpt['args']['decoder_heads'] == 2
+    assert ckpt['model']['decoder_embed.weight'].shape == (64, 192) and len(read_log(out)) == 2
+
+
+def test_a_dmae_teacher_loads_whatever_its_decoder(decoder_run):
+    teacher = build_teacher('vit_tiny', decoder_run / 'checkpoint.pth', img_size=16, patch_size=4)
+    saved = torch.load(decoder_run / 'checkpoint.pth', weights_only=True)['model']
+    assert all(torch.equal(v, saved[k]) for k, v in teacher.state_dict().items())
+
+
+# -- continued pre-training: --init loads the decoder too ------------------------------------------
+def counts(state):
+    """(encoder tensors, decoder tensors that --init loads) of an MAE state dict."""
+    decoder = [k for k in state if k.startswith(('decoder', 'mask_token')) and k != 'decoder_pos_embed']
+    return len([k for k in state if not k.startswith(('decoder', 'mask_token'))]), len(decoder)
+
+
+@pytest.mark.parametrize('layout', ['ours', 'official', 'mae_lite'])
+def test_init_from_a_pretraining_checkpoint_loads_encoder_and_decoder_exactly(layout, tmp_path):
+    torch.manual_seed(0)
+    source = small_mae().state_dict()
+    path = tmp_path / 'ckpt.pth'
+    torch.save({'ours': {'stage': 'pretrain_mae', 'epoch': 3, 'args': {'model': 'vit_tiny'}, 'model': source},
+                'official': {'model': source},                                # mae_visualize_vit_*.pth
+                'mae_lite': {'model': {f'module.model.{k}': v for k, v in source.items()}}}[layout], path)
+    torch.manual_seed(1)
+    model = small_mae()
+    line = init_mae(model, path)
+    assert all(torch.equal(v, source[k]) for k, v in model.state_dict().items())
+    encoder, decoder = counts(source)
+    assert line == (f"init from {path}: {encoder} encoder tensors loaded (new: none; ignored: none); "
+                    f"decoder: loaded ({decoder} tensors)")
+
+
+def test_init_from_an_encoder_alone_starts_the_decoder_fresh_and_says_so(tmp_path):
+    finetuned = vit('vit_tiny', img_size=16, patch_size=4, num_classes=4, global_pool=True)
+    torch.save({'model': finetuned.state_dict()}, tmp_path / 'finetuned.pth')
+    torch.manual_seed(1)
+    model = small_mae()
+    torch.manual_seed(1)
+    fresh = small_mae().state_dict()
+    line = init_mae(model, tmp_path / 'finetuned.pth')
+    assert line.endswith("(new: norm.weight, norm.bias; ignored: fc_norm.weight, fc_norm.bias, head.weight, "
+                         "head.bias); decoder: none in the checkpoint, starts fresh")
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in finetuned.state_dict().items() if k in state)
+    assert all(torch.equal(state[k], fresh[k]) for k in state if k.startswith(('decoder', 'mask_token')))
+
+
+def test_init_from_a_decoder_of_another_shape_starts_it_fresh_and_says_so(tmp_path):
+    torch.save({'model': small_mae(decoder_dim=64).state_dict()}, tmp_path / 'other.pth')
+    line = init_mae(small_mae(), tmp_path / 'other.pth')
+    assert line.endswith("decoder: another shape (dim 64, depth 1, 48 values per patch vs dim 96, depth 1, "
+                         "48 values per patch), starts fresh")
+
+
+def test_the_init_flag_prints_what_it_loaded(decoder_run, tmp_path, capsys):
+    pretrain_mae.main(quick_run('synthetic', tmp_path, '--init', decoder_run / 'checkpoint.pth',
+                                '--decoder-dim', 64, '--decoder-depth', 2, '--decoder-heads', 2))
+    assert 'decoder: loaded (31 tensors)' in capsys.readouterr().out      # embed, mask token, 2 blocks, norm, pred
+
+
+# -- the figure --------------------------------------------------------------------------------------
+def test_the_reconstruction_column_greys_the_visible_patches_only():
+    torch.manual_seed(0)
+    model = small_mae(norm_pix_loss=False)
+    with torch.no_grad():                           # a decoder that predicts 1.0 for every pixel
+        model.decoder_pred.weight.zero_()
+        model.decoder_pred.bias.fill_(1.0)
+    stats = ((0.2, 0.4, 0.6), (0.5, 0.25, 0.1))
+    columns, mask = reconstruction_columns(model, torch.randn(3, 3, 16, 16), stats)
+    shown = columns['reconstruction (visible patches greyed: not trained)']         # (3, 3, 16, 16)
+    grey = (0.5 - torch.tensor(stats[0])) / torch.tensor(stats[1])                 # mid-grey, normalised
+    assert mask.shape == (3, 16) and (mask.sum(1) == 12).all()
+    for b, patch in itertools.product(range(3), range(16)):
+        row, col = divmod(patch, 4)                                              # a 4 x 4 grid of 4-px patches
+        pixels = shown[b, :, 4 * row:4 * row + 4, 4 * col:4 * col + 4]            # (3, 4, 4)
+        expected = torch.ones(3) if mask[b, patch] else 0.3 * 1.0 + 0.7 * grey
+        torch.testing.assert_close(pixels, expected[:, None, None].expand(3, 4, 4))
+
+
+def test_the_figure_is_written(tmp_path):
+    path = tmp_path / 'reconstruction.png'
+    save_reconstruction_figure(small_mae(), torch.randn(2, 3, 16, 16), path, 'a title ' * 30,
+                               ((0.5,) * 3, (0.5,) * 3))
+    assert Image.open(path).size == (640, 320)                                   # 8 x 4 inches at 80 dpi
