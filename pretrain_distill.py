@@ -49,9 +49,11 @@ def attention_distillation_loss(student_logits, teacher_logits, head_adapter):
 
         mean_{b, t, i, j} ( sum_s W[t, s] * A_student[b, s, i, j] - A_teacher[b, t, i, j] )^2
 
-    with A = q k^T / sqrt(head_dim) of shape (B, heads, N, N), N = 1 + visible patches."""
-    mapped = head_adapter(student_logits)                          # (B, teacher heads, N, N)
-    return F.mse_loss(mapped.float(), teacher_logits.float())
+    with A = q k^T / sqrt(head_dim) of shape (B, heads, N, N), N = 1 + visible patches. In fp32 under
+    any autocast: both sides' logits are (vit.Attention), and so is the mixing."""
+    with torch.autocast(student_logits.device.type, enabled=False):
+        mapped = head_adapter(student_logits.float())              # (B, teacher heads, N, N)
+    return F.mse_loss(mapped, teacher_logits.float())
 
 
 def hidden_distillation_loss(student_hidden, teacher_hidden, dim_adapter):

@@ -614,7 +614,13 @@ def resume_checkpoint(path, stage, optimizer, scaler=None, **parts):
         raise RunError(f"--resume {path} is a '{found}' checkpoint, not a '{stage}' one; to start "
                        f"from its weights use --init")
     for name, module in parts.items():
-        module.load_state_dict(ckpt[name])
+        try:
+            module.load_state_dict(ckpt[name])
+        except RuntimeError as e:      # e.g. a --decoder-depth on the command line that the run did not have
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            raise RunError(f"--resume {path}: its {name} does not fit the model these flags build "
+                           f"({lines[1] if len(lines) > 1 else lines[0]}); drop the flags that change the "
+                           f"architecture: a resumed run takes them from the checkpoint") from None
     optimizer.load_state_dict(ckpt['optimizer'])
     if scaler and ckpt.get('scaler'):
         scaler.load_state_dict(ckpt['scaler'])

@@ -13,6 +13,7 @@ import pretrain_mae
 import training
 from conftest import read_log
 from operations import RunError, run_main
+from pretrain_distill import attention_distillation_loss
 from pretrain_moco import contrastive_loss
 from training import parse_args, resolve_amp
 from vit import Attention
@@ -203,6 +204,19 @@ def test_attention_logits_are_fp32_under_autocast(dtype):
     q, k, _ = qkv.view(2, 5, 3, 4, 8).permute(2, 0, 3, 1, 4)                      # each (B, heads, N, d)
     reference = (q.float() * attention.scale) @ k.float().transpose(-2, -1)
     torch.testing.assert_close(logits, reference)        # from the autocast q and k, no rounding after
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_the_attention_distillation_loss_is_fp32_under_autocast(dtype):
+    """The head-mixing 1x1 convolution of D-MAE runs in fp32 too: the loss is the fp32 formula's."""
+    torch.manual_seed(0)
+    adapter = torch.nn.Conv2d(3, 6, 1, bias=False)
+    student, teacher = torch.randn(2, 3, 5, 5) * 4, torch.randn(2, 6, 5, 5) * 4        # logits, fp32
+    expected = ((torch.einsum('ts,bsij->btij', adapter.weight[:, :, 0, 0], student) - teacher) ** 2).mean()
+    with torch.autocast('cpu', dtype=dtype):
+        loss = attention_distillation_loss(student, teacher, adapter)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)      # bf16 mixing would miss by ~1e-3
 
 
 def test_attention_logits_without_autocast_are_the_fp32_formula_bit_for_bit():

@@ -289,6 +289,15 @@ def test_resume_rebuilds_the_saved_decoder(decoder_run, tmp_path):
     assert ckpt['model']['decoder_embed.weight'].shape == (64, 192) and len(read_log(out)) == 2
 
 
+def test_resume_with_another_decoder_on_the_command_line_is_one_line(decoder_run, tmp_path):
+    out = tmp_path / 'run'
+    shutil.copytree(decoder_run, out)
+    result = run_script('pretrain_mae.py', '--resume', out / 'checkpoint.pth', '--decoder-depth', 3,
+                        '--epochs', 2, '--output-dir', out)
+    assert_one_line_error(result, 'does not fit the model these flags build', 'decoder_blocks.2')
+    assert torch.load(out / 'checkpoint.pth', weights_only=True)['epoch'] == 0          # untouched
+
+
 def test_a_dmae_teacher_loads_whatever_its_decoder(decoder_run):
     teacher = build_teacher('vit_tiny', decoder_run / 'checkpoint.pth', img_size=16, patch_size=4)
     saved = torch.load(decoder_run / 'checkpoint.pth', weights_only=True)['model']
