@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mini_report import mean_and_se, read_jsonl, verdict
+from mini_report import last_record, mean_and_se, read_jsonl, verdict
 from operations import RunError, run_main
 
 REPO = Path(__file__).resolve().parent
@@ -114,7 +114,7 @@ def plan(stage, arms, seeds, size, run, extra):
         encoder = add('mae', 'pretrain_mae', '--classes', SOURCE, '--seed', '0')
         for arm, flags in arms.items():
             for seed in range(seeds):
-                finetunes(arm, seed, encoder, f'{arm}', [seed], flags)
+                finetunes(arm, seed, encoder, arm, [seed], flags)
                 readouts['loss'][arm][seed] = readouts['finetune_src'][arm][seed][:]
         del readouts['probe'], readouts['knn']            # the shared encoder's: the same for both arms
         return stages, readouts
@@ -216,10 +216,10 @@ def run_stages(stages, run, jobs, threads):
 # Reading out and judging
 # --------------------------------------------------------------------------------------------------
 def last_value(run, name, key):
-    records = [r for r in read_jsonl(run / name / 'log.jsonl') if key in r]
-    if not records:
+    record = last_record(run / name, key)
+    if record is None:
         raise RunError(f"{run / name / 'log.jsonl'} has no {key}: did the stage finish?")
-    return records[-1][key]
+    return record[key]
 
 
 READOUT_KEYS = {'finetune_src': 'val_top1', 'finetune_dst': 'val_top1', 'probe': 'val_top1', 'knn': 'knn_top1',

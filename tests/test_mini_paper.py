@@ -10,13 +10,17 @@ import pytest
 from conftest import ROOT
 
 
+def run_smoke(run, stage_args, timeout):
+    """`bash mini_paper.sh RUN --smoke`, every stage given `stage_args` (MINI_PAPER_ARGS)."""
+    return subprocess.run(['bash', str(ROOT / 'mini_paper.sh'), str(run), '--smoke'], capture_output=True,
+                          text=True, timeout=timeout,
+                          env={**os.environ, 'PYTHON': sys.executable, 'MINI_PAPER_ARGS': stage_args})
+
+
 @pytest.mark.ops
 def test_every_stage_of_the_script_runs_end_to_end(fashion_root, tmp_path):
     run = tmp_path / 'mini'
-    result = subprocess.run(['bash', str(ROOT / 'mini_paper.sh'), str(run), '--smoke'],
-                            capture_output=True, text=True, timeout=1200,
-                            env={**os.environ, 'PYTHON': sys.executable,
-                                 'MINI_PAPER_ARGS': f'--data-root {fashion_root}'})
+    result = run_smoke(run, f'--data-root {fashion_root}', timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     stages = [json.loads(line)['stage'] for line in (run / 'times.jsonl').read_text().splitlines()]
     assert {'mae_teacher', 'mae_tiny_p0', 'mae_small_data_p0', 'dmae_tiny_p0', 'supervised_p0',
@@ -40,10 +44,7 @@ def test_every_stage_of_the_script_runs_end_to_end(fashion_root, tmp_path):
 
 def test_a_failing_stage_stops_the_script_with_its_name(fashion_root, tmp_path):
     run = tmp_path / 'mini'
-    result = subprocess.run(['bash', str(ROOT / 'mini_paper.sh'), str(run), '--smoke'],
-                            capture_output=True, text=True, timeout=600,
-                            env={**os.environ, 'PYTHON': sys.executable,
-                                 'MINI_PAPER_ARGS': f'--data-root {tmp_path / "no_data_here"} --data /nowhere'})
+    result = run_smoke(run, f'--data-root {tmp_path / "no_data_here"} --data /nowhere', timeout=600)
     assert result.returncode == 1
     assert 'mae_teacher FAILED' in result.stderr and 'stopped:' in result.stderr
     assert not (run / 'report.json').exists()
