@@ -52,8 +52,8 @@ REGIME_FLAGS = ('--config', '--output-dir', '--seed', '--classes', '--init', '--
 # mini_paper.sh's sizes: extra flags per stage, then the seeds of the varied stage and the fine-tune seeds
 SMOKE = '--img-size 14 --subset 64 --epochs 1 --warmup-epochs 0 --batch-size 32'
 SIZES = {
-    'quick': dict(pretrain_mae='', pretrain_distill='', pretrain_moco='', teacher='--epochs 4', finetune='',
-                  linear_probe='', seeds=2, finetune_seeds=1),
+    'quick': dict(pretrain_mae='--amp bf16', pretrain_distill='--amp bf16', pretrain_moco='--amp bf16',
+                  teacher='--amp bf16', finetune='', linear_probe='', seeds=2, finetune_seeds=1),
     'full': dict(pretrain_mae='--epochs 100 --warmup-epochs 10', pretrain_distill='--epochs 100 --warmup-epochs 10',
                  pretrain_moco='--subset 0 --epochs 100 --warmup-epochs 10 --batch-size 256',
                  teacher='--epochs 200 --warmup-epochs 20', finetune='--subset 1000 --epochs 100',
@@ -64,8 +64,8 @@ SIZES = {
 }
 # seconds per stage of the quick regime, two 1-thread stages side by side (mini_paper.sh on a 2-core
 # AMD EPYC, 2026-12-01, RESULTS.md): the estimate printed before a run starts
-QUICK_SECONDS = {'pretrain_mae': 256, 'pretrain_distill': 516, 'pretrain_moco': 286, 'teacher': 864,
-                 'finetune': 78, 'linear_probe': 27}
+QUICK_SECONDS = {'pretrain_mae': 173, 'pretrain_distill': 274, 'pretrain_moco': 286, 'teacher': 538,
+                 'finetune': 81, 'linear_probe': 28}
 READOUTS = {'finetune_src': 'fine-tune top-1 %, pre-training classes',
             'finetune_dst': 'fine-tune top-1 %, unseen classes',
             'probe': 'linear probe top-1 %, pre-training classes', 'knn': 'kNN top-1 %, pre-training classes',
@@ -101,13 +101,13 @@ def plan(stage, arms, seeds, size, run, extra):
         return str(run / name / 'checkpoint.pth')
 
     def finetunes(arm, seed, encoder, tag, finetune_seeds, arm_flags=()):
-        """Fine-tunes of `encoder` on SOURCE and on TARGET (the transfer recipe's layer decay 0.75)."""
+        """Fine-tunes of `encoder` on SOURCE and on TARGET (layer decay 0.85 on both)."""
         for s in finetune_seeds:
             readouts['finetune_src'][arm][seed].append(add(
                 f'ft_{tag}_s{s}', 'finetune', '--classes', SOURCE, '--init', checkpoint(encoder), '--seed', str(s),
                 *arm_flags, needs=[encoder]))
             readouts['finetune_dst'][arm][seed].append(add(
-                f'transfer_{tag}_s{s}', 'finetune', '--classes', TARGET, '--layer-decay', '0.75', '--init',
+                f'transfer_{tag}_s{s}', 'finetune', '--classes', TARGET, '--init',
                 checkpoint(encoder), '--seed', str(s), *arm_flags, needs=[encoder]))
 
     if stage == 'finetune':     # one shared pre-training; the arms' fine-tunes, one per seed

@@ -93,7 +93,7 @@ def build_step(stage, args, device):
         imgs = torch.randn(args.batch_size, 2, 3, args.img_size, args.img_size, device=device)
     elif stage in ('finetune', 'convnet'):      # convnet: the ResNet-18 reference, trained from scratch
         if stage == 'convnet':
-            model = convnet(1000).to(device)
+            model = convnet('resnet18', 1000).to(device)
             optimizer = adamw(weight_decay_groups(model, 0.05), 1e-4, (0.9, 0.999), device)
         else:
             model = vit(args.model, num_classes=1000, global_pool=True, **size).to(device)

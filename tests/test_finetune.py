@@ -386,15 +386,24 @@ def test_a_run_with_init_blocks_says_what_it_kept(fashion_folder, tmp_path, caps
     assert '--init-blocks 0,1,2,3,4,5: 76 tensors kept' in capsys.readouterr().out   # 6 x 12 + 4
 
 
-# -- the ConvNet reference ------------------------------------------------------------------------
-def test_the_convnet_reference_trains_from_scratch_on_small_images(fashion_folder, tmp_path):
-    finetune.main(['--data', str(fashion_folder), '--model', 'resnet18', '--layer-decay', '1.0', '--img-size', '16',
+# -- the ConvNet references -----------------------------------------------------------------------
+@pytest.mark.parametrize('name', finetune.CONVNETS)
+def test_a_convnet_ends_a_28px_image_as_a_2x2_map(name):
+    model = finetune.convnet(name, 5).eval()
+    trunk = model.features if name == 'mobilenet_v3_large' else torch.nn.Sequential(*list(model.children())[:-2])
+    with torch.no_grad():
+        assert trunk(torch.randn(2, 3, 28, 28)).shape[-2:] == (2, 2)      # stride 16: torchvision's 32 gives 1x1
+        assert model(torch.randn(2, 3, 28, 28)).shape == (2, 5)
+
+
+@pytest.mark.parametrize('name', finetune.CONVNETS)
+def test_a_convnet_reference_trains_from_scratch_on_small_images(name, fashion_folder, tmp_path):
+    finetune.main(['--data', str(fashion_folder), '--model', name, '--layer-decay', '1.0', '--img-size', '16',
                    '--batch-size', '16', '--num-workers', '0', '--epochs', '3', '--warmup-epochs', '0',
                    '--blr', '3e-3', '--rand-aug', 'none', '--mixup', '0', '--output-dir', str(tmp_path)])
     log = read_log(tmp_path)
-    assert log[-1]['loss'] < log[0]['loss'] and log[-1]['val_top1'] > 25.0        # 4 classes: chance 25%
-    ckpt = torch.load(tmp_path / 'checkpoint.pth', weights_only=True)
-    assert ckpt['model']['conv1.weight'].shape == (64, 3, 3, 3)                      # the small-image stem
+    # 4 classes: chance 25%; evaluated with batch norm's running statistics, which must follow a short run
+    assert log[-1]['loss'] < log[0]['loss'] and log[-1]['val_top1'] > 25.0
 
 
 def test_the_convnet_takes_no_init_and_no_layer_decay(fashion_folder, tmp_path):

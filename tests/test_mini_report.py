@@ -42,7 +42,8 @@ PRETRAINED = {
     ('moco', 'transfer'): [[85.5, 85.1], [85.7, 86.3]],
     ('dmae', 'transfer'): [[85.1, 85.5], [85.9, 86.1]],
 }
-SCRATCH = {('scratch', 'ft'): [70.0, 71.0, 72.0], ('convnet', 'ft'): [80.0, 80.6, 81.2]}
+SCRATCH = {('scratch', 'ft'): [70.0, 71.0, 72.0], ('mobilenet', 'ft'): [80.0, 80.6, 81.2],
+           ('resnet18', 'ft'): [90.0, 90.5, 91.0]}      # beside claim 0, not judged
 
 
 @pytest.fixture
@@ -117,6 +118,8 @@ def test_report_verdicts_follow_from_the_logs(run):
         '0': 'agrees', '1': 'agrees', '2': 'agrees', '2b': 'not shown', '3': 'agrees', '3b': 'agrees',
         '4': 'not shown', '4b': 'not shown', '5': 'agrees', '6': 'untested'}
     assert claims['0']['kind'] == 'noninferiority' and claims['0']['margin'] == 2.0
+    assert claims['0']['lower']['values'] == [80.0, 80.6, 81.2]      # MobileNetV3; the ResNet-18 beside it:
+    assert 'ResNet-18 (twice the parameters) from scratch with its own tuned recipe: 90.5' in claims['0']['sentence']
     assert claims['5']['kind'] == 'equivalence' and claims['1']['margin'] is None
     assert report['wall_time_s'] == 150.0
     assert report['stages'] == [{'name': 'mae_tiny_p0', 'seconds': 120.0}, {'name': 'ft_mae_p0_s0', 'seconds': 30.0}]
