@@ -26,8 +26,8 @@
 #
 # Each `stage NAME command...` or `later NAME command...` line is one stage: copy the command after
 # the name to run it alone. `later` stages are queued and run JOBS at a time, each with THREADS
-# threads: a 28-px ViT-Tiny step does not fill 2 cores, so two 1-thread stages side by side finish
-# sooner than one after the other (RESULTS.md has the measurement).
+# threads: two 1-thread stages side by side finish a little sooner than the two one after the other
+# with 2 threads each, by overlapping their start-up, data loading and evaluation (docs/speed.md).
 set -euo pipefail
 cd "$(dirname "$0")"
 RUN=runs/mini_paper

@@ -228,7 +228,8 @@ CLAIMS = [
     ('5', 'equivalence', "MAE gains nothing from more pre-training data (30,000 images vs 6,000, the same "
      "optimizer steps)", 'mae', 'mae_small_data', 'source', 1.5, None),
 ]
-INIT_NAMES = {'mae': 'from MAE', 'mobilenet': 'MobileNetV3-Large from scratch', 'resnet18': 'ResNet-18 from scratch', 'scratch': 'ViT-Tiny from scratch',
+INIT_NAMES = {'mae': 'from MAE', 'scratch': 'ViT-Tiny from scratch', 'mobilenet': 'MobileNetV3-Large from scratch',
+              'resnet18': 'ResNet-18 from scratch',
               'supervised': 'from supervised pre-training', 'moco': 'from MoCo v3', 'dmae': 'from D-MAE',
               'mae_low': 'MAE blocks 0-5 kept', 'mae_high': 'MAE blocks 6-11 kept',
               'mae_small_data': 'from MAE on 6,000 images'}
@@ -255,6 +256,11 @@ def the_claims(run, finetunes):
         claims[number] = judge(statement, kind, INIT_NAMES[higher], values(finetunes, task, higher),
                                INIT_NAMES[lower], values(finetunes, task, lower), units[task], margin, why, note,
                                seeds=seed_counts(finetunes, task, (higher, lower)))
+    full, lower_half = values(finetunes, 'source', 'mae'), values(finetunes, 'source', 'mae_low')
+    if claims['4']['verdict'] != 'agrees' and verdict('difference', full, lower_half)[0] == 'not shown':
+        claims['4']['sentence'] += (f" MAE's blocks 0-5 alone, the rest re-initialised, give {describe(lower_half)} "
+                                    f"against {describe(full)} with all 12: this fine-tune does not measurably use "
+                                    f"the higher blocks, and D-MAE distils into the last one.")
     resnet = values(finetunes, 'source', 'resnet18')
     if resnet:      # beside claim 0, reported and not judged: a plain ConvNet of twice the parameters
         claims['0']['sentence'] += (f" Beside it, ResNet-18 (twice the parameters) from scratch with its own "

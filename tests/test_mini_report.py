@@ -141,6 +141,16 @@ def test_a_claim_that_is_not_shown_says_what_the_frozen_features_show(run):
     assert 'linear probe +3.0, kNN +4.0' in sentence and 'erases' in sentence
 
 
+def test_d_mae_not_shown_in_domain_says_when_that_fine_tune_ignores_the_higher_blocks(run):
+    assert 'higher blocks' not in mini_report.write_report(run)[0]['claims']['4']['sentence']   # 0-5 alone: -1.1
+    for p, top1s in enumerate(PRETRAINED[('mae', 'ft')]):
+        for s, top1 in enumerate(top1s):
+            (run / f'ft_mae_low_p{p}_s{s}').rename(run / f'old_{p}_{s}')
+            write_finetune(run, f'ft_mae_low_p{p}_s{s}', top1 - 0.1)
+    sentence = mini_report.write_report(run)[0]['claims']['4']['sentence']
+    assert "blocks 0-5 alone, the rest re-initialised, give 80.3" in sentence and 'higher blocks' in sentence
+
+
 def test_one_pretraining_seed_leaves_its_claim_untested(run):
     for s in range(2):
         for name in (f'ft_mae_p1_s{s}',):
