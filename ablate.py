@@ -93,7 +93,8 @@ def plan(stage, arms, seeds, size, run, extra):
     readouts = {name: {arm: [[] for _ in range(seeds)] for arm in arms} for name in READOUTS}
 
     def add(name, config, *flags, needs=()):
-        stages.append(Stage(name, config, ['--config', CONFIGS[config], *flags, *shlex.split(sizes[config]),
+        # the size's flags first, so that an arm's own (--amp, --epochs) come later and win
+        stages.append(Stage(name, config, ['--config', CONFIGS[config], *shlex.split(sizes[config]), *flags,
                                            *extra, '--output-dir', str(run / name)], list(needs)))
         return name
 

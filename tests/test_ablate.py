@@ -44,6 +44,15 @@ def test_stages_the_arms_do_not_change_are_planned_once(tmp_path):
     assert set(readouts) == {'finetune_src', 'finetune_dst', 'loss'}     # probe and kNN: the shared encoder's
 
 
+@pytest.mark.parametrize('size', ['quick', 'smoke', 'full'])
+def test_an_arms_flag_wins_over_the_regimes_setting_of_it(size, tmp_path):
+    import pretrain_mae
+    stages, _ = ablate.plan('pretrain_mae', {'a': ['--amp', 'none', '--epochs', '7'], 'b': []}, 1, size, tmp_path, [])
+    a_pretraining = next(s for s in stages if s.name.startswith('a_'))
+    args = pretrain_mae.build_parser().parse_args(a_pretraining.flags)
+    assert (args.amp, args.epochs) == ('none', 7)
+
+
 @pytest.mark.parametrize('flags, message', [
     ('--no-such-flag 3', 'pretrain_mae.py takes no --no-such-flag'),
     ('--mask-ratio abc', "invalid float value: 'abc'"),
