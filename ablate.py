@@ -31,6 +31,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -305,9 +306,7 @@ def main(argv=None):
     extra = ['--data-root', str(Path(args.data_root).resolve())] if args.data_root else []
     stages, readouts = plan(args.stage, arms, args.seeds, args.size, run, extra)
 
-    counts = {}
-    for stage in stages:
-        counts[stage.config] = counts.get(stage.config, 0) + 1
+    counts = Counter(stage.config for stage in stages)
     estimate = sum(QUICK_SECONDS[s.config] for s in stages) / args.jobs / 60
     print(f"ablate {args.stage}: a = '{args.a}', b = '{args.b}', {args.seeds} seeds per arm, in {run}")
     print(f"{len(stages)} stages ({', '.join(f'{n} {c}' for c, n in counts.items())}), {args.jobs} at a time "

@@ -352,5 +352,6 @@ def convnet(name, num_classes):
     model.maxpool = torch.nn.Identity()
     return model
 
+
 if __name__ == '__main__':
     run_main(main)
