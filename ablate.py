@@ -35,7 +35,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mini_report import last_record, mean_and_se, read_jsonl, verdict
+from mini_report import describe, last_record, read_jsonl, verdict
 from operations import RunError, run_main
 
 REPO = Path(__file__).resolve().parent
@@ -247,11 +247,6 @@ def read_out(run, readouts):
     return results
 
 
-def describe(values):
-    mean, se = mean_and_se(values)
-    return f"{mean:.2f}" + ('' if se != se else f" ± {se:.2f}")
-
-
 def write_outputs(run, args, results, times, wall_time):
     summary = {'stage': args.stage, 'a': args.a, 'b': args.b, 'seeds': args.seeds,
                'finetune_seeds': 1 if args.stage == 'finetune' else SIZES[args.size]['finetune_seeds'],
@@ -262,7 +257,7 @@ def write_outputs(run, args, results, times, wall_time):
              f"{args.seeds} seeds of {args.stage} per arm, {summary['finetune_seeds']} fine-tune seed(s) each; "
              f"mean ± standard error over the seeds.", "",
              "| readout | a | b | b - a | SE | verdict |", "|---|---:|---:|---:|---:|---|",
-             *[f"| {READOUTS[name]} | {describe(r['a'])} | {describe(r['b'])} | {r['diff']:+.2f} | {r['se']:.2f} | "
+             *[f"| {READOUTS[name]} | {describe(r['a'], 2)} | {describe(r['b'], 2)} | {r['diff']:+.2f} | {r['se']:.2f} | "
                f"{r['verdict']} |" for name, r in results.items()], "",
              "A verdict needs the difference beyond twice its standard error; \"no difference shown\" is not "
              "evidence that there is none. For the loss, lower is better, and it compares only when both arms "

@@ -258,7 +258,8 @@ def main(argv=None):
                 print(f"--init-blocks {','.join(map(str, args.init_blocks))}: {len(kept)} tensors kept from "
                       f"{args.init}; every other weight starts as from scratch", flush=True)
     elif not args.resume and procs.is_main:
-        print("no --init: training from scratch (the supervised baseline)", flush=True)
+        baseline = '' if args.model in CONVNETS else ' (the supervised baseline)'
+        print(f"no --init: {args.model} from scratch{baseline}", flush=True)
 
     loader, num_train, train_classes = build_train_loader(args, procs, rand_aug)
     if train_classes != num_classes:

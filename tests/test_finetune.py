@@ -396,12 +396,13 @@ def test_a_convnet_ends_a_28px_image_as_a_2x2_map(name):
         assert model(torch.randn(2, 3, 28, 28)).shape == (2, 5)
 
 
-def test_the_convnet_reference_trains_from_scratch_on_small_images(fashion_folder, tmp_path):
+def test_the_convnet_reference_trains_from_scratch_on_small_images(fashion_folder, tmp_path, capsys):
     finetune.main(['--data', str(fashion_folder), '--model', 'resnet18', '--layer-decay', '1.0', '--img-size', '16',
                    '--batch-size', '16', '--num-workers', '0', '--epochs', '3', '--warmup-epochs', '0',
                    '--blr', '3e-3', '--rand-aug', 'none', '--mixup', '0', '--output-dir', str(tmp_path)])
     log = read_log(tmp_path)
     assert log[-1]['loss'] < log[0]['loss'] and log[-1]['val_top1'] > 25.0        # 4 classes: chance 25%
+    assert 'no --init: resnet18 from scratch\n' in capsys.readouterr().out       # not "the supervised baseline"
 
 
 def test_mobilenet_running_statistics_follow_a_short_run():
