@@ -6,6 +6,7 @@ import json
 import pytest
 
 import ablate
+import pretrain_mae
 from conftest import assert_one_line_error, run_script
 from operations import RunError
 
@@ -46,7 +47,6 @@ def test_stages_the_arms_do_not_change_are_planned_once(tmp_path):
 
 @pytest.mark.parametrize('size', ['quick', 'smoke', 'full'])
 def test_an_arms_flag_wins_over_the_regimes_setting_of_it(size, tmp_path):
-    import pretrain_mae
     stages, _ = ablate.plan('pretrain_mae', {'a': ['--amp', 'none', '--epochs', '7'], 'b': []}, 1, size, tmp_path, [])
     a_pretraining = next(s for s in stages if s.name.startswith('a_'))
     args = pretrain_mae.build_parser().parse_args(a_pretraining.flags)
