@@ -11,7 +11,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-torch.set_num_threads(2)
+if os.environ.get('PYTEST_XDIST_WORKER'):    # `pytest -n auto`: the workers share the cores, one thread each
+    os.environ['OMP_NUM_THREADS'] = '1'      # (the stage scripts a test starts inherit it)
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(2)
 
 import data  # noqa: E402
 

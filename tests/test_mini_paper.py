@@ -11,10 +11,11 @@ from conftest import ROOT
 
 
 def run_smoke(run, stage_args, timeout):
-    """`bash mini_paper.sh RUN --smoke`, every stage given `stage_args` (MINI_PAPER_ARGS)."""
+    """`bash mini_paper.sh RUN --smoke`, every stage given `stage_args` (MINI_PAPER_ARGS), two stages at a
+    time (`nproc` would count one core under `pytest -n`, which sets OMP_NUM_THREADS=1)."""
     return subprocess.run(['bash', str(ROOT / 'mini_paper.sh'), str(run), '--smoke'], capture_output=True,
-                          text=True, timeout=timeout,
-                          env={**os.environ, 'PYTHON': sys.executable, 'MINI_PAPER_ARGS': stage_args})
+                          text=True, timeout=timeout, env={**os.environ, 'PYTHON': sys.executable,
+                                                           'MINI_PAPER_ARGS': stage_args, 'MINI_PAPER_JOBS': '2'})
 
 
 @pytest.mark.ops
@@ -27,7 +28,7 @@ def test_every_stage_of_the_script_runs_end_to_end(fashion_root, tmp_path):
             'moco_tiny_p0'} <= set(stages)
     assert stages.index('dmae_tiny_p0') > stages.index('mae_teacher')     # the student waits for its teacher
     finetunes = [s for s in stages if s.startswith(('ft_', 'transfer_'))]
-    assert len(finetunes) == 13               # 1 seed x (5 pre-trained + 3 from scratch, 4 + 1 transfer)
+    assert len(finetunes) == 13               # 1 seed x (6 pre-trained + 2 from scratch, 4 + 1 transfer)
     report = json.loads((run / 'report.json').read_text())
     assert set(report['claims']) == {'0', '1', '2', '2b', '3', '3b', '4', '4b', '5', '6'}
     assert len(report['claims']['1']['higher']['values']) == 1       # one per pre-training seed
