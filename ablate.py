@@ -7,10 +7,12 @@
 
 Both arms run in the regime of mini_paper.sh: pre-training on the images of 5 Fashion-MNIST classes
 without their labels (SOURCE), its quick configs, fine-tunes on 100 labels of those classes and of the
-5 classes no pre-training saw (TARGET), a linear probe and kNN on SOURCE. The varied stage runs
---seeds times per arm with the arm's flags last (they override the config), and every readout
-downstream of it runs per arm and seed. A stage the arms do not change (the teacher of a D-MAE
-ablation, the pre-training of a fine-tune ablation) runs once, and both arms use it.
+5 classes no pre-training saw (TARGET), a linear probe and kNN on SOURCE. A pre-training ablation also
+fine-tunes on claim 4's more labels of SOURCE (quick: 1,000 for the same steps), where a 100-label
+fine-tune can erase what pre-training changed (RESULTS.md). The varied stage runs --seeds times per
+arm with the arm's flags last (they override the config), and every readout downstream of it runs per
+arm and seed. A stage the arms do not change (the teacher of a D-MAE ablation, the pre-training of a
+fine-tune ablation) runs once, and both arms use it.
 
 Each readout gets one number per seed of the varied stage (the mean of its fine-tune seeds), the
 difference b - a with its Welch standard error, and mini_report.verdict's rule for a difference: "b
@@ -54,14 +56,15 @@ REGIME_FLAGS = ('--config', '--output-dir', '--seed', '--classes', '--init', '--
 SMOKE = '--img-size 14 --subset 64 --epochs 1 --warmup-epochs 0 --batch-size 32'
 SIZES = {
     'quick': dict(pretrain_mae='--amp bf16', pretrain_distill='--amp bf16', pretrain_moco='--amp bf16',
-                  teacher='--amp bf16', finetune='', linear_probe='', seeds=2, finetune_seeds=1),
+                  teacher='--amp bf16', finetune='', more_labels='--subset 1000 --epochs 10', linear_probe='',
+                  seeds=2, finetune_seeds=1),
     'full': dict(pretrain_mae='--epochs 100 --warmup-epochs 10', pretrain_distill='--epochs 100 --warmup-epochs 10',
                  pretrain_moco='--subset 0 --epochs 100 --warmup-epochs 10 --batch-size 256',
                  teacher='--epochs 200 --warmup-epochs 20', finetune='--subset 1000 --epochs 100',
-                 linear_probe='--subset 0', seeds=3, finetune_seeds=5),
+                 more_labels='--subset 0 --epochs 30', linear_probe='--subset 0', seeds=3, finetune_seeds=5),
     'smoke': dict(pretrain_mae=SMOKE, pretrain_distill=SMOKE, pretrain_moco=f'{SMOKE} --mlp-dim 256 --out-dim 64',
-                  teacher=SMOKE, finetune=f'{SMOKE} --val-subset 64', linear_probe=f'{SMOKE} --val-subset 64',
-                  seeds=2, finetune_seeds=1),
+                  teacher=SMOKE, finetune=f'{SMOKE} --val-subset 64', more_labels='',
+                  linear_probe=f'{SMOKE} --val-subset 64', seeds=2, finetune_seeds=1),
 }
 # seconds per stage of the quick regime, two 1-thread stages side by side (mini_paper.sh on a 2-core
 # AMD EPYC, 2026-12-01, RESULTS.md): the estimate printed before a run starts
@@ -69,6 +72,7 @@ QUICK_SECONDS = {'pretrain_mae': 173, 'pretrain_distill': 274, 'pretrain_moco': 
                  'finetune': 81, 'linear_probe': 28}
 READOUTS = {'finetune_src': 'fine-tune top-1 %, pre-training classes',
             'finetune_dst': 'fine-tune top-1 %, unseen classes',
+            'finetune_more': "fine-tune top-1 %, pre-training classes, claim 4's more labels",
             'probe': 'linear probe top-1 %, pre-training classes', 'knn': 'kNN top-1 %, pre-training classes',
             'loss': "the varied stage's final training loss (lower is better)"}
 
@@ -102,9 +106,14 @@ def plan(stage, arms, seeds, size, run, extra):
     def checkpoint(name):
         return str(run / name / 'checkpoint.pth')
 
-    def finetunes(arm, seed, encoder, tag, finetune_seeds, arm_flags=()):
-        """Fine-tunes of `encoder` on SOURCE and on TARGET (layer decay 0.85 on both)."""
+    def finetunes(arm, seed, encoder, tag, finetune_seeds, arm_flags=(), more_labels=False):
+        """Fine-tunes of `encoder` on SOURCE and on TARGET (layer decay 0.85 on both), and on more
+        SOURCE labels."""
         for s in finetune_seeds:
+            if more_labels:
+                readouts['finetune_more'][arm][seed].append(add(
+                    f'ft_more_labels_{tag}_s{s}', 'finetune', '--classes', SOURCE, '--init', checkpoint(encoder),
+                    '--seed', str(s), *shlex.split(sizes['more_labels']), needs=[encoder]))
             readouts['finetune_src'][arm][seed].append(add(
                 f'ft_{tag}_s{s}', 'finetune', '--classes', SOURCE, '--init', checkpoint(encoder), '--seed', str(s),
                 *arm_flags, needs=[encoder]))
@@ -119,6 +128,7 @@ def plan(stage, arms, seeds, size, run, extra):
                 finetunes(arm, seed, encoder, arm, [seed], flags)
                 readouts['loss'][arm][seed] = readouts['finetune_src'][arm][seed][:]
         del readouts['probe'], readouts['knn']            # the shared encoder's: the same for both arms
+        del readouts['finetune_more']                     # the arms' own fine-tunes are the readout
         return stages, readouts
 
     teacher = add('teacher', 'teacher', '--classes', SOURCE) if stage == 'pretrain_distill' else None
@@ -127,7 +137,7 @@ def plan(stage, arms, seeds, size, run, extra):
             encoder = add(f'{arm}_p{seed}', stage, '--classes', SOURCE, '--seed', str(seed),
                           *(['--teacher', checkpoint(teacher)] if teacher else []), *flags,
                           needs=[teacher] if teacher else [])
-            finetunes(arm, seed, encoder, f'{arm}_p{seed}', range(sizes['finetune_seeds']))
+            finetunes(arm, seed, encoder, f'{arm}_p{seed}', range(sizes['finetune_seeds']), more_labels=True)
             probe = add(f'probe_{arm}_p{seed}', 'linear_probe', '--classes', SOURCE, '--init', checkpoint(encoder),
                         needs=[encoder])
             readouts['probe'][arm][seed] = readouts['knn'][arm][seed] = [probe]
@@ -224,8 +234,8 @@ def last_value(run, name, key):
     return record[key]
 
 
-READOUT_KEYS = {'finetune_src': 'val_top1', 'finetune_dst': 'val_top1', 'probe': 'val_top1', 'knn': 'knn_top1',
-                'loss': 'loss'}
+READOUT_KEYS = {'finetune_src': 'val_top1', 'finetune_dst': 'val_top1', 'finetune_more': 'val_top1',
+                'probe': 'val_top1', 'knn': 'knn_top1', 'loss': 'loss'}
 
 
 def judge(a, b, lower_is_better=False):

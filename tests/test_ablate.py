@@ -6,6 +6,7 @@ import json
 import pytest
 
 import ablate
+import finetune
 import pretrain_mae
 from conftest import assert_one_line_error, run_script
 from operations import RunError
@@ -43,6 +44,21 @@ def test_stages_the_arms_do_not_change_are_planned_once(tmp_path):
     assert [s.name for s in stages if s.config == 'pretrain_mae'] == ['mae']
     assert all(s.needs == ['mae'] for s in stages if s.config == 'finetune')
     assert set(readouts) == {'finetune_src', 'finetune_dst', 'loss'}     # probe and kNN: the shared encoder's
+
+
+def test_a_pretraining_ablation_also_fine_tunes_each_encoder_on_claim_4s_more_labels(tmp_path):
+    stages, readouts = ablate.plan('pretrain_mae', {'a': [], 'b': ['--mask-ratio', '0.5']}, 2, 'quick', tmp_path, [])
+    more = {s.name: s for s in stages if s.name.startswith('ft_more_labels_')}
+    assert readouts['finetune_more'] == {arm: [[f'ft_more_labels_{arm}_p{p}_s0'] for p in (0, 1)] for arm in 'ab'}
+    for name, stage in more.items():      # 1,000 SOURCE labels for 10 epochs, the arm's encoder, not its flags
+        args = finetune.build_parser().parse_args(stage.flags)
+        assert (args.subset, args.epochs, args.classes) == (1000, 10, [0, 1, 4, 5, 8]), name
+        encoder = name.removeprefix('ft_more_labels_').rsplit('_s', 1)[0]
+        assert stage.needs == [encoder] and args.init == str(tmp_path / encoder / 'checkpoint.pth')
+        assert '0.5' not in stage.flags
+    full = next(s for s in ablate.plan('pretrain_mae', {'a': [], 'b': []}, 2, 'full', tmp_path, [])[0]
+                if s.name.startswith('ft_more_labels_'))
+    assert finetune.build_parser().parse_args(full.flags).subset == 0          # --full: every label
 
 
 @pytest.mark.parametrize('size', ['quick', 'smoke', 'full'])
