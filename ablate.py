@@ -21,7 +21,8 @@ stage's own final loss lower is better; losses only compare when both arms keep 
 (another mask ratio is another task).
 
 Writes RUN/ablation.md and RUN/ablation.json; each stage's command heads its log, RUN/logs/NAME.log
-(copy it to run that stage alone). Run again with the same flags, it skips the stages already done.
+(copy it to run that stage alone). Run again with the same flags, it skips the stages already done,
+but not those downstream of a stage that runs again.
 """
 import argparse
 import contextlib
@@ -172,20 +173,30 @@ def command_line(stage, threads):
     return f"OMP_NUM_THREADS={threads} python {stage.script}.py {shlex.join(stage.flags)}"
 
 
+def done_earlier(stages, run, threads):
+    """-> {name: seconds} of the stages an earlier run in RUN finished with the same command, and
+    whose needs it finished too (a stage whose input runs again, runs again)."""
+    records = {r['stage']: r for r in read_jsonl(run / 'times.jsonl')}
+    done = {}
+    for stage in stages:                # in plan order: a stage's needs come before it
+        record = records.get(stage.name)
+        if (record and record['command'] == command_line(stage, threads) and (run / stage.name).is_dir()
+                and all(n in done for n in stage.needs)):
+            done[stage.name] = record['seconds']
+    return done
+
+
 def run_stages(stages, run, jobs, threads):
-    """Run every stage once its needs are done; a stage already in RUN/times.jsonl with the same
-    command is skipped. -> [{'name', 'seconds'}] in the order they finished."""
+    """Run every stage once its needs are done, but those done_earlier. -> [{'name', 'seconds'}] in
+    the order they finished."""
     times_file = run / 'times.jsonl'
-    done_before = {r['stage']: r for r in read_jsonl(times_file)}
     (run / 'logs').mkdir(parents=True, exist_ok=True)
-    times, done, pending, running = [], set(), list(stages), {}
-    for stage in stages:
-        record = done_before.get(stage.name)
-        if record and record['command'] == command_line(stage, threads) and (run / stage.name).is_dir():
-            print(f"   {stage.name}: done in an earlier run ({record['seconds']:.0f} s)")
-            times.append({'name': stage.name, 'seconds': record['seconds']})
-            done.add(stage.name)
-            pending.remove(stage)
+    times, done, running = [], set(), {}
+    for name, seconds in done_earlier(stages, run, threads).items():
+        print(f"   {name}: done in an earlier run ({seconds:.0f} s)")
+        times.append({'name': name, 'seconds': seconds})
+        done.add(name)
+    pending = [s for s in stages if s.name not in done]
     try:
         while pending or running:
             ready = [s for s in pending if all(n in done for n in s.needs)]

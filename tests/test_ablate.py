@@ -61,6 +61,25 @@ def test_a_pretraining_ablation_also_fine_tunes_each_encoder_on_claim_4s_more_la
     assert finetune.build_parser().parse_args(full.flags).subset == 0          # --full: every label
 
 
+def test_a_rerun_skips_what_is_done_but_not_what_depends_on_a_stage_that_runs_again(tmp_path):
+    stages, _ = ablate.plan('pretrain_mae', {'a': [], 'b': ['--mask-ratio', '0.5']}, 2, 'quick', tmp_path, [])
+    records = []
+    for stage in stages:                    # an earlier run that finished every stage
+        (tmp_path / stage.name).mkdir()
+        records.append({'stage': stage.name, 'seconds': 1.0, 'command': ablate.command_line(stage, 1)})
+
+    def write():
+        (tmp_path / 'times.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in records))
+    write()
+    assert set(ablate.done_earlier(stages, tmp_path, 1)) == {s.name for s in stages}
+    assert ablate.done_earlier(stages, tmp_path, 2) == {}                  # another thread count: another command
+    records[[r['stage'] for r in records].index('b_p0')]['command'] += ' --epochs 3'     # b_p0 runs again,
+    write()
+    again = {s.name for s in stages} - set(ablate.done_earlier(stages, tmp_path, 1))
+    assert again == {s.name for s in stages if s.name == 'b_p0' or s.needs == ['b_p0']}   # and all it feeds
+    assert len(again) == 1 + 4          # its fine-tunes on SOURCE, TARGET and more labels, and its probe
+
+
 @pytest.mark.parametrize('size', ['quick', 'smoke', 'full'])
 def test_an_arms_flag_wins_over_the_regimes_setting_of_it(size, tmp_path):
     stages, _ = ablate.plan('pretrain_mae', {'a': ['--amp', 'none', '--epochs', '7'], 'b': []}, 1, size, tmp_path, [])
