@@ -5,7 +5,7 @@ The recipe in four ideas, each in one place below:
   1. init:         `--init` loads a pre-trained encoder (ours, official MAE, MAE-Lite, MoCo-v3,
                    timm/DeiT); the head and fc_norm start fresh. Without it the same recipe trains from
                    scratch, which is the paper's supervised baseline.
-  2. layer decay:  block k's lr is scaled by decay^(depth + 1 - k) (`layer_decay_groups`), so the
+  2. layer decay:  blocks[k]'s lr is scaled by decay^(depth - k) (`layer_decay_groups`), so the
                    pre-trained lower layers move least.
   3. augmentation: RandomResizedCrop + flip + RandAugment + random erasing per image (data.py), then
                    MixUp / CutMix per batch (`build_batch_mixing`), with label smoothing in the loss.

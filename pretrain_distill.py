@@ -255,13 +255,8 @@ def main(argv=None):
     lr_at = warmup_cosine(lr, args.min_lr, args.warmup_epochs, args.epochs)
     optimizer = adamw(weight_decay_groups(model, args.weight_decay), lr, (0.9, 0.95), procs.device)
     scaler = grad_scaler(args.amp, procs.device)                  # fp16 only
-    try:
-        start_epoch, _ = resume_checkpoint(args.resume, STAGE, optimizer, scaler, model=model.student,
-                                           adapter=model.adapters)
-    except RuntimeError:     # the adapters' keys name the distilled layers
-        raise RunError(f"--resume {args.resume} was distilled at other layers than --distill-layers "
-                       f"{args.distill_layers} / --distill-hidden '{args.distill_hidden}'; keep its "
-                       f"layers") from None
+    start_epoch, _ = resume_checkpoint(args.resume, STAGE, optimizer, scaler, model=model.student,
+                                       adapter=model.adapters)   # the adapters' keys name the distilled layers
     train_model = compile_and_wrap(model, procs, args.compile, args.compile_mode)
     teacher_params = sum(p.numel() for p in teacher.parameters())
     out = Path(args.output_dir)

@@ -1,6 +1,6 @@
 """MAE pre-training (He et al. 2022) of a ViT, with MAE-Lite's recipe for ViT-Tiny.
 
-The method in five steps, each a method of `MAE` below:
+The method in five steps, each a method of `MAE` below (encode: of the ViT in vit.py):
   1. patchify:        image -> L patches of p*p*3 pixels
   2. random_masking:  keep a random 25% of the patches per image (argsort of uniform noise)
   3. encode:          the ViT encoder sees only the visible patches (+ cls token)
@@ -144,8 +144,8 @@ class MAE(VisionTransformer):
         (vit.mae_state_dict). The size, patch size and native image size (img_size=None) are read
         from the weights (vit.encoder_geometry), and so are the decoder's dim and depth
         (decoder_geometry); its heads, which no weight shows, from our saved args (--decoder-heads),
-        else by mae_decoder's rule (the paper's when they divide the dim). norm_pix_loss from our saved
-        args, else as given (default on, as MAE-Lite trains). Both position tables are fixed sin-cos
+        else by mae_decoder's rule (the paper's when they divide the dim). norm_pix_loss as given, else
+        from our saved args, else on (as MAE-Lite trains). Both position tables are fixed sin-cos
         functions of the grid, so they are rebuilt for the image size rather than loaded."""
         ckpt = read_checkpoint(path)
         state = mae_state_dict(ckpt, path)

@@ -184,7 +184,8 @@ class MoCo(nn.Module):
         self.temperature = temperature
         self.encoder = encoder
         self.projector = mlp(3, encoder.embed_dim, mlp_dim, out_dim)
-        self.predictor = mlp(2, out_dim, mlp_dim, out_dim)
+        self.predictor = mlp(2, out_dim, mlp_dim, out_dim)     # ends in BatchNorm too, as in MAE-Lite's
+        # MoCo v3 (facebookresearch/moco-v3 later dropped the predictor's last BatchNorm)
         self.momentum_encoder = copy.deepcopy(encoder).requires_grad_(False)
         self.momentum_projector = copy.deepcopy(self.projector).requires_grad_(False)
 

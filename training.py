@@ -36,7 +36,8 @@ def add_common_args(parser, *, epochs, warmup_epochs, batch_size, blr, weight_de
                     img_size=224, patch_size=16, data_on_device=True, models=tuple(SIZES)):
     """The flags every training script shares. Defaults are the stage's paper values;
     data_on_device=False leaves out --data-on-device for a stage whose augmentation has no batched
-    form on the device."""
+    form on the device (MoCo v3's two views) or that has a fast path of its own (linear_probe.py's
+    --cached-features)."""
     def on_off(name, help):
         parser.add_argument(f'--{name}', action=argparse.BooleanOptionalAction, default=None,
                             help=help + ' (default: on for CUDA, off on CPU)')

@@ -145,9 +145,11 @@ def sincos_pos_embed(embed_dim, grid_size, cls_token=True):
 # The Vision Transformer
 # --------------------------------------------------------------------------------------------------
 class Encoded(NamedTuple):
-    tokens: torch.Tensor    # (B, 1 + N, D): cls + patch tokens after the final norm
+    tokens: torch.Tensor    # (B, 1 + N, D): cls + patch tokens after the final norm (un-normed with
+                            # global_pool: fc_norm comes after pooling)
     attn_logits: dict       # block index -> (B, heads, 1 + N, 1 + N), for the asked-for blocks only
-    layers: list            # None, or depth + 1 tensors (B, 1 + N, D): blocks[i].norm1 input, final norm
+    layers: list            # None, or depth + 1 tensors (B, 1 + N, D): blocks[i].norm1(x), block i's
+                            # normed input; last, the final norm (fc_norm with global_pool)
 
 
 class VisionTransformer(nn.Module):

@@ -1,6 +1,7 @@
 """D-MAE (pretrain_distill.py): a frozen teacher, the same visible patches, the attention loss on the
 pre-softmax logits, and a real run on Fashion-MNIST images."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ import torch
 import pretrain_distill
 import pretrain_mae
 from conftest import run_script
+from operations import RunError
 from pretrain_distill import (DistilledMAE, attention_distillation_loss, build_teacher,
                               hidden_distillation_loss, layer_pairs)
 from pretrain_mae import MAE
@@ -218,6 +220,15 @@ def test_resume_continues_exactly(fashion_folder, tiny_teacher_ckpt, dmae_run, t
     for part in ('model', 'adapter'):
         assert all(torch.equal(straight[part][k], resumed[part][k]) for k in straight[part])
     assert (tmp_path / 'log.jsonl').read_text().count('\n') == 3
+
+
+def test_resuming_at_other_distilled_layers_is_refused_and_the_checkpoint_kept(dmae_run, tmp_path):
+    ckpt = tmp_path / 'checkpoint.pth'
+    shutil.copy(dmae_run / 'checkpoint.pth', ckpt)
+    before = ckpt.read_bytes()
+    with pytest.raises(RunError, match=r"its adapter does not fit .*attn\.5_5\.weight.*drop the flags"):
+        pretrain_distill.main(strings('--resume', ckpt, '--distill-layers', '5,-1', '--output-dir', tmp_path))
+    assert ckpt.read_bytes() == before
 
 
 def test_junk_teacher_checkpoint_is_one_line_error(fashion_folder, tmp_path):
