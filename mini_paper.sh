@@ -108,22 +108,16 @@ FINETUNE="$PY finetune.py --config configs/finetune_fashion_mnist_quick.yaml"
 MOBILENET="$FINETUNE --model mobilenet_v3_large --layer-decay 1.0 --blr 3e-2 --weight-decay 0.05"
 PROBE_CMD="$PY linear_probe.py --config configs/linprobe_fashion_mnist_quick.yaml"
 
-# 1. pre-training on the SOURCE images, queued longest first (run 5's stage times) so that the two
-#    lanes end together: a bigger MAE teacher (ViT-Small, more image-passes), then per seed the
-#    supervised reference (with labels), MoCo v3, MAE-Tiny on a 5x smaller subset for the same number
-#    of steps, and MAE-Tiny
+# 1. pre-training on the SOURCE images, the longest stage first: a bigger MAE teacher (ViT-Small,
+#    more image-passes), then per seed MoCo v3, the supervised reference (with labels), MAE-Tiny, and
+#    MAE-Tiny on a 5x smaller subset for the same number of steps. (Queued longest first throughout,
+#    the two lanes ended no sooner: a stage's time depends on the stage beside it; docs/speed.md)
 later mae_teacher $PY pretrain_mae.py --config configs/mae_small_teacher_fashion_mnist_quick.yaml --classes $SOURCE $TEACHER $EXTRA --output-dir $RUN/mae_teacher
 for p in $PRETRAIN_SEEDS; do
-  later supervised_p$p $PY finetune.py --config configs/supervised_fashion_mnist_quick.yaml --classes $SOURCE --seed $p $SUP $EXTRA --output-dir $RUN/supervised_p$p
-done
-for p in $PRETRAIN_SEEDS; do
   later moco_tiny_p$p $PY pretrain_moco.py --config configs/moco_tiny_fashion_mnist_quick.yaml --classes $SOURCE --seed $p $MOCO $EXTRA --output-dir $RUN/moco_tiny_p$p
-done
-for p in $PRETRAIN_SEEDS; do
-  later mae_small_data_p$p $PY pretrain_mae.py --config configs/mae_tiny_fashion_mnist_quick.yaml --classes $SOURCE --seed $p $SMALL $EXTRA --output-dir $RUN/mae_small_data_p$p
-done
-for p in $PRETRAIN_SEEDS; do
+  later supervised_p$p $PY finetune.py --config configs/supervised_fashion_mnist_quick.yaml --classes $SOURCE --seed $p $SUP $EXTRA --output-dir $RUN/supervised_p$p
   later mae_tiny_p$p $PY pretrain_mae.py --config configs/mae_tiny_fashion_mnist_quick.yaml --classes $SOURCE --seed $p $MAE $EXTRA --output-dir $RUN/mae_tiny_p$p
+  later mae_small_data_p$p $PY pretrain_mae.py --config configs/mae_tiny_fashion_mnist_quick.yaml --classes $SOURCE --seed $p $SMALL $EXTRA --output-dir $RUN/mae_small_data_p$p
 done
 run_queue
 
