@@ -54,6 +54,7 @@ REGIME_FLAGS = ('--config', '--output-dir', '--seed', '--classes', '--init', '--
                 '--data', '--data-root')             # the regime's, not an arm's
 
 # mini_paper.sh's sizes: extra flags per stage, then the seeds of the varied stage and the fine-tune seeds
+# (smoke: 2 seeds where mini_paper.sh has 1, so that the verdict is computed)
 SMOKE = '--img-size 14 --subset 64 --epochs 1 --warmup-epochs 0 --batch-size 32'
 SIZES = {
     'quick': dict(pretrain_mae='--amp bf16', pretrain_distill='--amp bf16', pretrain_moco='--amp bf16',
@@ -306,7 +307,7 @@ def build_parser():
     parser.add_argument('--run-dir', default=None, help='output folder (default: runs/ablate_<stage>)')
     parser.add_argument('--data-root', default=None, help='passed to every stage (where Fashion-MNIST is)')
     cores = os.cpu_count() or 1
-    parser.add_argument('--jobs', type=int, default=min(2, cores), help='stages side by side (default: 2)')
+    parser.add_argument('--jobs', type=int, default=min(2, cores), help='stages side by side (default: 2, or 1 on one core)')
     parser.add_argument('--threads', type=int, default=None, help='threads per stage (default: cores / jobs)')
     return parser
 
@@ -332,8 +333,9 @@ def main(argv=None):
         print("one seed per arm: no standard error, so no verdict", flush=True)
     start = time.time()
     times = run_stages(stages, run, args.jobs, threads)
-    lines = write_outputs(run, args, read_out(run, readouts), times, time.time() - start)
-    print('\n'.join(lines[:len(READOUTS) + 6]))
+    results = read_out(run, readouts)
+    lines = write_outputs(run, args, results, times, time.time() - start)
+    print('\n'.join(lines[:6 + len(results)]))                 # the title, the command and the table
     print(f"wrote {run / 'ablation.md'} and {run / 'ablation.json'}")
 
 

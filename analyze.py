@@ -345,7 +345,7 @@ def reconstruct_command(args):
     patch_embed = model.patch_embed
     size_name = encoder_geometry(model.state_dict(), args.ckpt)[0]
     size = f"MAE {size_name}, patch {patch_embed.patch_size}, {patch_embed.img_size} px"
-    shown = torch.stack([images[i][0] for i in range(min(6, len(images)))])          # (6, 3, H, W)
+    shown = torch.stack([images[i][0] for i in range(min(6, len(images)))])          # (<= 6, 3, H, W)
     save_reconstruction_figure(model, shown, path, f"{args.ckpt} ({size})", normalization(args.data),
                                args.mask_ratio, args.seed)
     loss = held_out_loss(model, images, args.mask_ratio, args.seed, device)
@@ -468,7 +468,7 @@ def add_shared_args(parser, num_images, batch_size=None, random_model=True):
                         'or a folder of unlabelled images at any depth (all of them are used)')
     g.add_argument('--data-root', default='data', help='where named data sets live or download to')
     g.add_argument('--img-size', type=int, default=None,
-                   help="image size shown to the model (default: the checkpoint's native size)")
+                   help="image size shown to the model (default: the checkpoint's native size; 224 for random)")
     g.add_argument('--num-images', type=int, default=num_images,
                    help=f'a fixed random sample of this many val images (default {num_images})')
     if batch_size:

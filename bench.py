@@ -1,6 +1,6 @@
 """Speed of one training step of each stage on this device, and of the data path.
 
-For each stage (MAE, D-MAE, MoCo v3, fine-tune, the ResNet-18 reference, linear probe) and each of
+For each stage (MAE, D-MAE, MoCo v3, fine-tune, a ResNet-18 from scratch, linear probe) and each of
 eager / torch.compile x fp32 / bf16 autocast: images per second, peak memory, the achieved GFLOP/s
 (FLOPs of forward + backward counted with torch.utils.flop_counter, attention included) and its share
 of the device's peak (on CPU a 2048 x 2048 matmul measured in the row's precision; on CUDA the datasheet dense bf16 peak, i.e. MFU).
@@ -60,7 +60,7 @@ def with_timm_blocks(mae):
 
 
 def build_step(stage, args, device):
-    """-> step(imgs, labels), the trainable module, a batch (imgs, labels)."""
+    """-> (the trainable module, its optimizer, loss_of(imgs, labels), a batch (imgs, labels))."""
     from finetune import classification_loss, convnet, layer_decay_groups
     from linear_probe import LARS, probe_head, probe_losses
     from pretrain_distill import DistilledMAE
@@ -91,7 +91,7 @@ def build_step(stage, args, device):
         def loss_of(views, labels):
             return model(views, momentum=0.99)
         imgs = torch.randn(args.batch_size, 2, 3, args.img_size, args.img_size, device=device)
-    elif stage in ('finetune', 'convnet'):      # convnet: the ResNet-18 reference, trained from scratch
+    elif stage in ('finetune', 'convnet'):      # convnet: a ResNet-18, trained from scratch
         if stage == 'convnet':
             model = convnet('resnet18', 1000).to(device)
             optimizer = adamw(weight_decay_groups(model, 0.05), 1e-4, (0.9, 0.999), device)
@@ -163,8 +163,9 @@ def sync(device):
 
 
 def peak_flops(device):
-    """{precision: FLOP/s}. CPU: a measured 2048 x 2048 matmul in each precision; CUDA: the datasheet
-    dense bf16 peak for both (the usual MFU), if the device is known."""
+    """-> ({precision: FLOP/s, or None}, where the peaks come from). CPU: a measured 2048 x 2048
+    matmul in each precision; CUDA: the datasheet dense bf16 peak for both (the usual MFU), if the
+    device is known."""
     if device.type == 'cuda':
         name = torch.cuda.get_device_name(device)
         known = [v * 1e12 for k, v in CUDA_BF16_PEAK_TFLOPS.items() if k in name]
@@ -199,7 +200,8 @@ def measure_data(kind, args, device):
     """The data path alone (img/s of batches), or the MAE step fed by the in-memory loader."""
     from data import Augmentation, build_dataset, build_loader, per_image_transform
     from data_in_memory import in_memory_loader
-    subset = args.batch_size * (args.iters + args.warmup + 2)    # enough images for the timed batches
+    calls = 1 + args.warmup + CHUNKS * max(1, args.iters // CHUNKS)  # first batch, warm-up, timed chunks
+    subset = args.batch_size * (calls + 1)                        # + 1: training drops a partial batch
     augmentation = Augmentation()                                 # pre-training's: crop + flip
     if kind == 'dataloader':
         dataset, _ = build_dataset(args.data, args.data_root, True,

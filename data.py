@@ -76,7 +76,8 @@ class Augmentation:
 
 
 def to_normalized_tensor(stats):
-    """PIL image -> float tensor (3, H, W) in [0, 1], normalised with stats = (mean, std)."""
+    """The transforms PIL image -> float tensor (3, H, W), scaled to [0, 1], then normalised with
+    stats = (mean, std)."""
     return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(*stats)]
 
 
@@ -285,7 +286,7 @@ def build_loader(dataset, batch_size, train, num_workers, device, seed=0, rank=0
     call `loader.sampler.set_epoch(epoch)` before each epoch. Training drops the last partial batch;
     evaluation keeps it (under DDP the sampler pads the shard with a few repeated images).
     An unreadable image stops the run with its name, unless strict_images=False (training without
-    --strict-images): then it is skipped and counted (SkippingLoader, at the end of this file)."""
+    --strict-images): then it is skipped and counted (SkippingLoader, below)."""
     if train:
         check_one_batch(len(dataset), batch_size, world_size)
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=train,
@@ -384,8 +385,8 @@ def fashion_mnist_from_debian(root):
 
 
 class SyntheticImages(Dataset):
-    """Random `size` x `size` images with a learnable label (a bright square whose position depends
-    on the class), deterministic per index; the transforms resize them to --img-size. For tests and
+    """Random `size` x `size` images with a learnable label (a bright square in one of 16 cells, the
+    cell of class c at row c % 4, column c // 4 % 4), deterministic per index; the transforms resize them to --img-size. For tests and
     smoke runs only: it proves nothing about vision."""
 
     def __init__(self, num_images, num_classes=10, size=32, seed=0, transform=None):
@@ -403,8 +404,7 @@ class SyntheticImages(Dataset):
         label = self.targets[index]
         img = torch.randint(0, 128, (self.size, self.size, 3), generator=gen, dtype=torch.uint8)
         side = self.size // 4
-        row = (label * 7 % 4) * side
-        col = (label * 3 % 4) * side
+        row, col = label % 4 * side, label // 4 % 4 * side
         img[row:row + side, col:col + side] = 255
         img = Image.fromarray(img.numpy())
         return (self.transform(img) if self.transform else img), label

@@ -1,8 +1,10 @@
 """The in-memory data path (--data-on-device), a speed path off the reading path: a small data set
 (Fashion-MNIST, CIFAR, a few thousand files) is decoded once into a uint8 tensor on the training
 device and augmented there in batches, so no per-image Python and no loader workers run during
-training. It draws the same recipe (`data.Augmentation`) as the per-image path of data.py, with one
-difference: a crop box that does not fit is clipped to the image instead of re-drawn.
+training. It draws the same recipe (`data.Augmentation`) as the per-image path of data.py, with three
+differences: a crop box that does not fit is clipped to the image instead of re-drawn; crops are
+cut from the image resized once to --img-size, not from the original file; and the bicubic
+resampling has no antialiasing.
 
     loader, num_images, num_classes = in_memory_loader(data, root, train=True, img_size=28, ...)
 """

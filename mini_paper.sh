@@ -92,7 +92,7 @@ QUEUE=()
 later() {   # later NAME command...: queue a stage for `run_queue`
   QUEUE+=("$(printf '%q ' "$@")")
 }
-run_queue() {   # the queued stages, JOBS at a time, in the order queued (longest first); then wait for all
+run_queue() {   # the queued stages, JOBS at a time, in the order queued; then wait for all
   local job
   for job in "${QUEUE[@]}"; do
     while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || true; done

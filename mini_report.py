@@ -198,7 +198,7 @@ def teacher_check(run):
 
 
 def frozen_readouts(run, higher, lower, split):
-    """The sentence for a fine-tune claim that is not shown: do the frozen features still differ?"""
+    """The sentence for a fine-tune claim that does not agree: do the frozen features still differ?"""
     (probe_h, knn_h), (probe_l, knn_l) = probe_result(run, f'probe_{higher}_{split}'), probe_result(run, f'probe_{lower}_{split}')
     if None in (probe_h, probe_l):
         return None

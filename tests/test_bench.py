@@ -44,7 +44,7 @@ def table_rows(stdout):
 def test_one_run_prints_its_command_and_one_table(fashion_root):
     result = run_script('bench.py', '--img-size', 16, '--patch-size', 4, '--batch-size', 8, '--stages',
                         'mae', 'moco', 'data', '--precisions', 'fp32', '--no-compile-modes',
-                        '--iters', 5, '--warmup', 1, '--data-root', fashion_root, '--num-workers', 0)
+                        '--iters', 3, '--warmup', 1, '--data-root', fashion_root, '--num-workers', 0)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith('$ python ') and '--stages mae moco data' in lines[0]

@@ -1,6 +1,7 @@
 """data.py: any image becomes a 3-channel tensor of --img-size; bad data stops with one clear line."""
 import urllib.error
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -82,6 +83,18 @@ def test_missing_or_empty_folders_say_what_layout_is_expected(tmp_path):
         build_dataset(str(tmp_path), 'unused', train=True, transform=None)
     with pytest.raises(DataError, match='neither a known name'):
         build_dataset(str(tmp_path / 'typo'), 'unused', train=True, transform=None)
+
+
+def test_each_synthetic_class_puts_its_bright_square_in_a_cell_of_its_own():
+    """The background stays below 128, so the pixels at 255 are the square: 10 classes, 10 places."""
+    dataset = data.SyntheticImages(20)
+    places = {}
+    for index in range(20):
+        img, label = dataset[index]
+        rows, cols = (torch.from_numpy(np.array(img))[..., 0] == 255).nonzero(as_tuple=True)
+        places.setdefault(label, set()).add((rows.min().item(), cols.min().item()))
+    assert all(len(cells) == 1 for cells in places.values())          # a class's square never moves
+    assert len(set().union(*places.values())) == 10
 
 
 def test_a_training_set_smaller_than_one_batch_is_refused():
