@@ -385,9 +385,9 @@ def fashion_mnist_from_debian(root):
 
 
 class SyntheticImages(Dataset):
-    """Random `size` x `size` images with a learnable label (a bright square in one of 16 cells, the
-    cell of class c at row c % 4, column c // 4 % 4), deterministic per index; the transforms resize them to --img-size. For tests and
-    smoke runs only: it proves nothing about vision."""
+    """Random `size` x `size` images with a learnable label (a bright square in one of 16 cells:
+    class c's at row c % 4, column c // 4 % 4), deterministic per index; the transforms resize them
+    to --img-size. For tests and smoke runs only: it proves nothing about vision."""
 
     def __init__(self, num_images, num_classes=10, size=32, seed=0, transform=None):
         self.num_images, self.num_classes, self.size, self.seed = num_images, num_classes, size, seed

@@ -256,7 +256,7 @@ def main(argv=None):
     optimizer = adamw(weight_decay_groups(model, args.weight_decay), lr, (0.9, 0.95), procs.device)
     scaler = grad_scaler(args.amp, procs.device)                  # fp16 only
     start_epoch, _ = resume_checkpoint(args.resume, STAGE, optimizer, scaler, model=model.student,
-                                       adapter=model.adapters)   # the adapters' keys name the distilled layers
+                                       adapter=model.adapters)   # other distilled layers: the adapter does not fit
     train_model = compile_and_wrap(model, procs, args.compile, args.compile_mode)
     teacher_params = sum(p.numel() for p in teacher.parameters())
     out = Path(args.output_dir)
